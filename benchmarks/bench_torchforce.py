@@ -1,0 +1,115 @@
+"""Speed of the TorchForce pair potential against OpenMM's own forces (issue: foundation).
+
+LJ fluid, sigma = 0.34 nm, epsilon = 0.996 kJ/mol, reduced density 0.8, cutoff
+1.0 nm, CPU platform. Prints steps/s of OpenMM's native NonbondedForce, a
+tabulated CustomNonbondedForce and our TorchForce (analytic LJ and a neural
+potential evaluated as a fine spline), and the ratios to native, all measured
+in this process.
+
+    python benchmarks/bench_torchforce.py [--sizes 1000 4000] [--steps 200]
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch  # noqa: F401  (load libtorch before OpenMM's plugins)
+import numpy as np
+import openmm as mm
+
+import openmm_diffsim as od
+
+SIGMA, EPSILON, MASS, CUTOFF = 0.34, 0.996, 39.948, 1.0
+
+
+def fcc_positions(n: int, box: float, rng) -> np.ndarray:
+    cells = int(np.ceil((n / 4) ** (1 / 3)))
+    base = np.array([[0, 0, 0], [0.5, 0.5, 0], [0.5, 0, 0.5], [0, 0.5, 0.5]])
+    grid = np.array([[i, j, k] for i in range(cells) for j in range(cells) for k in range(cells)])
+    sites = (grid[:, None, :] + base[None]).reshape(-1, 3)[:n] * (box / cells)
+    return sites + rng.normal(scale=0.01, size=sites.shape)
+
+
+def native_system(n, box):
+    system = mm.System()
+    for _ in range(n):
+        system.addParticle(MASS)
+    system.setDefaultPeriodicBoxVectors(mm.Vec3(box, 0, 0), mm.Vec3(0, box, 0), mm.Vec3(0, 0, box))
+    nb = mm.NonbondedForce()
+    nb.setNonbondedMethod(mm.NonbondedForce.CutoffPeriodic)
+    nb.setCutoffDistance(CUTOFF)
+    nb.setUseDispersionCorrection(False)
+    for _ in range(n):
+        nb.addParticle(0.0, SIGMA, EPSILON)
+    system.addForce(nb)
+    return system
+
+
+def tabulated_system(n, box, table):
+    system = native_system(n, box)
+    system.removeForce(0)
+    r = np.linspace(0.0, CUTOFF, 2001)
+    r_safe = np.maximum(r, 0.05)
+    u, _ = table.evaluate(r_safe)
+    force = mm.CustomNonbondedForce("u_table(r)")
+    force.addTabulatedFunction("u_table", mm.Continuous1DFunction(u.tolist(), 0.0, CUTOFF))
+    force.setNonbondedMethod(mm.CustomNonbondedForce.CutoffPeriodic)
+    force.setCutoffDistance(CUTOFF)
+    for _ in range(n):
+        force.addParticle([])
+    system.addForce(force)
+    return system
+
+
+def steps_per_second(system, positions, steps, platform="CPU"):
+    integrator = mm.LangevinMiddleIntegrator(120.0, 1.0, 0.002)
+    context = mm.Context(system, integrator, mm.Platform.getPlatformByName(platform))
+    context.setPositions(positions)
+    context.setVelocitiesToTemperature(120.0, 1)
+    integrator.step(20)  # warm up: JIT, neighbor lists
+    context.getState(getEnergy=True)
+    start = time.perf_counter()
+    integrator.step(steps)
+    context.getState(getEnergy=True)
+    return steps / (time.perf_counter() - start)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sizes", type=int, nargs="+", default=[1000, 4000])
+    parser.add_argument("--steps", type=int, default=200)
+    args = parser.parse_args()
+    rng = np.random.default_rng(0)
+    lj = od.PairTable(["Ar"], od.LennardJones(SIGMA, EPSILON), cutoff=CUTOFF, cutoff_mode="truncate")
+    neural = od.PairTable(
+        ["Ar"],
+        od.PotentialSum([od.LennardJones(SIGMA, EPSILON), od.NeuralCorrection(CUTOFF, seed=0)]),
+        cutoff=CUTOFF,
+        cutoff_mode="shift",
+    )
+    print(f"torch threads: {torch.get_num_threads()}")
+    for n in args.sizes:
+        density = 0.8 / SIGMA**3
+        box = (n / density) ** (1 / 3)
+        positions = fcc_positions(n, box, rng)
+        results = {}
+        results["native NonbondedForce"] = steps_per_second(native_system(n, box), positions, args.steps)
+        results["tabulated CustomNonbondedForce"] = steps_per_second(tabulated_system(n, box, lj), positions, args.steps)
+        results["TorchForce LJ (analytic)"] = steps_per_second(
+            od.create_system(lj, ["Ar"] * n, MASS, [box] * 3), positions, args.steps
+        )
+        results["TorchForce neural (spline)"] = steps_per_second(
+            od.create_system(neural.tabulated(), ["Ar"] * n, MASS, [box] * 3), positions, args.steps
+        )
+        results["TorchForce neural (network)"] = steps_per_second(
+            od.create_system(neural, ["Ar"] * n, MASS, [box] * 3), positions, max(10, args.steps // 10)
+        )
+        native = results["native NonbondedForce"]
+        print(f"\nN = {n}, box = {box:.3f} nm")
+        for name, value in results.items():
+            print(f"  {name:32s} {value:9.1f} steps/s   {value / native:6.3f} x native")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,186 @@
+"""Thin adapter from a :class:`~openmm_diffsim.potentials.PairTable` to OpenMM.
+
+OpenMM and openmm-torch are imported lazily so that the torch-only parts of
+the package (potentials, RDFs, rollouts) work without them.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import tempfile
+from typing import Optional, Sequence, Union
+
+import numpy as np
+import torch
+
+from .energy import PairEnergy
+from .potentials import PairTable
+
+__all__ = ["script_energy_module", "create_torch_force", "create_system", "species_indices"]
+
+
+def _import_openmm():
+    try:
+        import openmm
+    except ImportError as exc:  # pragma: no cover - depends on the environment
+        raise ImportError("OpenMM is required here: pip install openmm") from exc
+    return openmm
+
+
+def _import_openmmtorch():
+    try:
+        import openmmtorch
+    except ImportError as exc:  # pragma: no cover - depends on the environment
+        raise ImportError("openmm-torch is required here: pip install openmmtorch==1.5 'torch>=2.9,<2.10'") from exc
+    _reload_torch_plugins()
+    return openmmtorch
+
+
+def _reload_torch_plugins() -> None:
+    """Load openmm-torch's platform plugins again if OpenMM was imported before torch.
+
+    OpenMM loads its plugins at import; the openmm-torch kernels need libtorch,
+    which is only in the process once torch is imported. Without this, a Context
+    fails with "does not support all required kernels".
+    """
+    openmm = _import_openmm()
+    for failure in openmm.Platform.getPluginLoadFailures():
+        if "OpenMMTorch" not in failure or not failure.startswith("Error loading library "):
+            continue
+        path = failure[len("Error loading library ") :].split(": ", 1)[0]
+        try:
+            openmm.Platform.loadPluginLibrary(path)
+        except Exception:  # noqa: BLE001 - e.g. OpenCL/CUDA driver absent: that platform stays unavailable
+            pass
+
+
+def species_indices(table: PairTable, species: Sequence[Union[str, int]]) -> np.ndarray:
+    """Map per-particle species (names or indices) to indices into ``table.species``.
+
+    Raises
+    ------
+    ValueError
+        For unknown names or out-of-range indices, naming the first offender.
+    """
+    out = np.empty(len(species), dtype=np.int64)
+    for n, s in enumerate(species):
+        if isinstance(s, (int, np.integer)):
+            if not 0 <= int(s) < len(table.species):
+                raise ValueError(f"particle {n}: species index {s} out of range for species {table.species}")
+            out[n] = int(s)
+        else:
+            if str(s) not in table.species:
+                raise ValueError(f"particle {n}: unknown species {s!r}; known species: {table.species}")
+            out[n] = table.species.index(str(s))
+    return out
+
+
+def script_energy_module(table: PairTable, species, skin: float = 0.1) -> torch.jit.ScriptModule:
+    """TorchScript-compile a :class:`~openmm_diffsim.energy.PairEnergy` for ``table``.
+
+    Parameters are copied (detached) so later training does not alter the
+    scripted module.
+    """
+    import copy
+
+    table_copy = copy.deepcopy(table)
+    for p in table_copy.parameters():
+        p.requires_grad_(False)
+    module = PairEnergy(table_copy, species_indices(table, species), skin=skin)
+    return torch.jit.script(module)
+
+
+def create_torch_force(
+    table: PairTable,
+    species,
+    skin: float = 0.1,
+    path: Optional[str] = None,
+    cuda_graphs: bool = False,
+):
+    """An openmm-torch ``TorchForce`` evaluating ``table`` for the given particles.
+
+    Parameters
+    ----------
+    table : PairTable
+        Pair potentials.
+    species : sequence of str or int, length N
+        Species of each particle, by name or index.
+    skin : float
+        Verlet skin in nm.
+    path : str, optional
+        Where to save the TorchScript file. By default the module is passed in
+        memory (openmm-torch ≥ 1.4).
+    cuda_graphs : bool
+        Ask openmm-torch to capture the module in CUDA graphs on the CUDA
+        platform. Off by default: the Verlet list is rebuilt on data-dependent
+        steps and changes size, which a captured graph cannot follow.
+
+    Returns
+    -------
+    openmmtorch.TorchForce
+        Built with ``setOutputsForces(True)`` and periodic boundary conditions.
+    """
+    openmmtorch = _import_openmmtorch()
+    module = script_energy_module(table, species, skin=skin)
+    if path is not None:
+        module.save(path)
+        force = openmmtorch.TorchForce(path)
+    else:
+        force = openmmtorch.TorchForce(module)
+    force.setOutputsForces(True)
+    force.setUsesPeriodicBoundaryConditions(True)
+    force.setName("openmm-diffsim pair potential")
+    # Only read by the CUDA platform; harmless elsewhere.
+    force.setProperty("useCUDAGraphs", "true" if cuda_graphs else "false")
+    return force
+
+
+def create_system(
+    table: PairTable,
+    species,
+    masses,
+    box,
+    skin: float = 0.1,
+):
+    """An OpenMM ``System`` whose only force is ``table`` as a ``TorchForce``.
+
+    Parameters
+    ----------
+    table : PairTable
+        Pair potentials.
+    species : sequence of str or int, length N
+        Species of each particle.
+    masses : float or sequence of float
+        Particle masses in amu (one value for all, or one per particle), or a
+        Quantity.
+    box : array_like (3,) or (3, 3), or Quantity
+        Rectangular periodic box in nm.
+    skin : float
+        Verlet skin in nm.
+    """
+    openmm = _import_openmm()
+    from .units import to_array
+
+    n = len(species)
+    masses_arr = np.broadcast_to(to_array(masses, "masses", "dalton"), (n,))
+    if not np.all(np.isfinite(masses_arr)) or np.any(masses_arr <= 0):
+        raise ValueError("masses must be positive and finite")
+    box_arr = to_array(box, "box", "nanometer")
+    if box_arr.shape == (3,):
+        box_arr = np.diag(box_arr)
+    if box_arr.shape != (3, 3):
+        raise ValueError(f"box must have shape (3,) or (3, 3), got {box_arr.shape}")
+    lengths = np.diag(box_arr)
+    if np.any(np.abs(box_arr - np.diag(lengths)) > 0):
+        raise ValueError("triclinic boxes are not supported yet: the box vectors must be diagonal")
+    if np.any(lengths <= 0) or not np.all(np.isfinite(lengths)):
+        raise ValueError("box edge lengths must be positive and finite")
+    if 2 * table.cutoff > lengths.min():
+        raise ValueError(f"cutoff {table.cutoff} nm is larger than half the shortest box edge {lengths.min()} nm")
+    system = openmm.System()
+    for m in masses_arr:
+        system.addParticle(float(m))
+    system.setDefaultPeriodicBoxVectors(*(openmm.Vec3(*row) for row in box_arr))
+    system.addForce(create_torch_force(table, species, skin=skin))
+    return system

@@ -123,7 +123,9 @@ class PairEnergy(torch.nn.Module):
                 + str(float(lengths.min()))
                 + " nm"
             )
+        # openmm-torch hands in positions with requires_grad=True; forces are
+        # computed in closed form, and recording a graph would cost ~5x.
+        positions = positions.detach()
         species = self.species.to(positions.device)
         i, j = self.neighbors(positions, lengths)
-        with torch.no_grad():
-            return self.table.energy_and_forces(positions, lengths, species, i, j, True)
+        return self.table.energy_and_forces(positions, lengths, species, i, j, True)

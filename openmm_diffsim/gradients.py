@@ -1,0 +1,689 @@
+"""Gradient estimators of the RDF loss behind one interface.
+
+An estimator is called as ``estimator(table, state, snapshots, targets,
+loss_weight)``: it returns an :class:`EstimatorResult` (loss, per-pair RDF
+RMSE, diagnostics) and *adds* the gradient of its loss to ``p.grad`` of every
+parameter of ``table``. A rejected estimate (non-finite numbers) leaves the
+gradients untouched and says why in ``diagnostics``.
+
+* :class:`ReweightingEstimator` -- DiffTRe-style: ensemble averages over
+  OpenMM snapshots with Boltzmann weights
+  ``w_i ∝ exp(-β [U_θ(x_i) - U_θ0(x_i)])``. Positions do not change under
+  reweighting, so the per-snapshot observables are computed once and the
+  gradient flows only through the weights. Energies of a pair potential are
+  linear functionals of each snapshot's pair-distance histogram; they are
+  re-evaluated in O(histogram nodes) per snapshot (cubic Hermite
+  quadrature on a fine grid, error checked against exact energies at reset).
+* :class:`RolloutEstimator` -- the seed paper's DiffSim: short differentiable
+  rollouts (:mod:`openmm_diffsim.dynamics`) seeded from snapshots, the RDF
+  averaged over frames, gradients by backpropagation or by the adjoint
+  (memory independent of rollout length).
+
+The loss of a state is ``state.weight * loss_weight * Σ_targets
+rdf_loss(g_model, g_target, target.weights)`` (plus an optional pressure
+term for reweighting). Targets must lie on the estimator's bins (bin centres
+of ``r_range`` / ``n_bins``); other grids are interpolated with
+:meth:`Target.resample`. Smear an external histogram target with
+:func:`~openmm_diffsim.observables.smear_target` first, so model and target
+see the same kernel.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Protocol, Sequence, Tuple
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from .dynamics import (
+    NonFiniteError,
+    PairForces,
+    make_integrator,
+    maxwell_boltzmann_velocities,
+    rollout_gradient,
+)
+from .neighbors import box_lengths, neighbor_pairs, pair_displacements
+from .observables import BAR_PER_KJ_PER_MOL_NM3, compute_partial_rdfs, rdf_bin_edges, rdf_loss
+from .potentials import PairTable
+
+__all__ = [
+    "EstimatorResult",
+    "Estimator",
+    "ReweightingEstimator",
+    "RolloutEstimator",
+    "clip_gradients",
+    "NonFiniteError",
+]
+
+
+@dataclass
+class EstimatorResult:
+    """What an estimator returns (the gradient itself goes into ``p.grad``).
+
+    Attributes
+    ----------
+    loss : float
+        The state's weighted loss whose gradient was accumulated (NaN if rejected).
+    rdf_rmse : dict
+        RMS difference between model and target g(r) per target, keyed ``"A-B"``.
+    diagnostics : dict
+        Always: ``n_eff``, ``n_eff_fraction``, ``needs_resample``, ``steps_run``,
+        ``grad_norm``, ``rejected`` (bool) and ``reason`` (str, empty if
+        accepted); plus estimator-specific entries.
+    r : numpy.ndarray, shape (n_bins,)
+        Bin centres in nm.
+    rdfs : dict
+        Model g(r) per target key, numpy arrays (n_bins,).
+    """
+
+    loss: float
+    rdf_rmse: Dict[str, float]
+    diagnostics: Dict[str, Any]
+    r: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    rdfs: Dict[str, np.ndarray] = field(default_factory=dict)
+
+
+class Estimator(Protocol):
+    """Callable interface shared by the estimators."""
+
+    def __call__(self, table: PairTable, state, snapshots, targets, loss_weight: float = 1.0) -> EstimatorResult: ...
+
+
+def clip_gradients(parameters, max_norm: float) -> float:
+    """Scale gradients so their total 2-norm is at most ``max_norm``.
+
+    Parameters
+    ----------
+    parameters : iterable of Tensor
+        Parameters whose ``.grad`` are clipped in place (None grads are skipped).
+    max_norm : float
+        Largest allowed total norm (positive).
+
+    Returns
+    -------
+    float
+        The total norm before clipping.
+
+    Raises
+    ------
+    NonFiniteError
+        If any gradient is NaN or infinite (nothing is modified).
+    """
+    max_norm = float(max_norm)
+    if not math.isfinite(max_norm) or max_norm <= 0:
+        raise ValueError(f"max_norm must be a positive number, got {max_norm}")
+    grads = [p.grad for p in parameters if p.grad is not None]
+    if not grads:
+        return 0.0
+    norm = float(torch.sqrt(sum((g.detach().double() ** 2).sum() for g in grads)))
+    if not math.isfinite(norm):
+        raise NonFiniteError("non-finite gradient: refusing to clip or apply it")
+    if norm > max_norm:
+        scale = max_norm / (norm + 1e-12)
+        for g in grads:
+            g.mul_(scale)
+    return norm
+
+
+# -- shared pieces ---------------------------------------------------------------------------
+
+
+@dataclass
+class _PreparedTarget:
+    key: str
+    row: int  # pair-type index in the table (row of compute_partial_rdfs)
+    g: Tensor
+    weights: Optional[Tensor]
+
+
+def _particle_species(table: PairTable, state) -> np.ndarray:
+    from .torchforce import species_indices
+
+    return species_indices(table, state.particle_species_names())
+
+
+def _prepare_targets(table: PairTable, targets, r: np.ndarray, outside: str) -> List[_PreparedTarget]:
+    targets = list(targets)
+    if not targets:
+        raise ValueError("no targets given: the RDF loss needs at least one Target")
+    prepared = []
+    seen: Dict[str, int] = {}
+    for target in targets:
+        for name in ("pair", "r", "g"):
+            if not hasattr(target, name):
+                raise TypeError(f"targets must be Target objects with .pair, .r and .g, got {type(target).__name__}")
+        row = table.pair_index(tuple(target.pair))
+        if np.asarray(target.r).shape != r.shape or not np.allclose(target.r, r, rtol=0.0, atol=1e-9):
+            target = target.resample(r, outside=outside)
+        key = f"{target.pair[0]}-{target.pair[1]}"
+        if key in seen:
+            seen[key] += 1
+            key = f"{key}#{seen[key]}"
+        else:
+            seen[key] = 0
+        weights = None if target.weights is None else torch.as_tensor(np.asarray(target.weights), dtype=torch.float64)
+        prepared.append(_PreparedTarget(key, row, torch.as_tensor(np.asarray(target.g), dtype=torch.float64), weights))
+    return prepared
+
+
+def _rdf_loss_terms(g_model: Tensor, targets: List[_PreparedTarget]) -> Tensor:
+    return sum(rdf_loss(g_model[k], t.g, t.weights) for k, t in enumerate(targets))
+
+
+def _rmse(g_model: Tensor, targets: List[_PreparedTarget]) -> Dict[str, float]:
+    g = g_model.detach()
+    return {t.key: float(torch.sqrt(((g[k] - t.g) ** 2).mean())) for k, t in enumerate(targets)}
+
+
+def _accumulate(parameters: List[Tensor], grads: Sequence[Optional[Tensor]]) -> float:
+    """Check every gradient, then add them to ``p.grad``; returns their total norm."""
+    total = 0.0
+    for g in grads:
+        if g is not None:
+            if not bool(torch.isfinite(g).all()):
+                raise NonFiniteError("non-finite gradient")
+            total += float((g.double() ** 2).sum())
+    for p, g in zip(parameters, grads):
+        if g is None:
+            continue
+        g = g.to(p.dtype)
+        p.grad = g.clone() if p.grad is None else p.grad + g
+    return math.sqrt(total)
+
+
+def _rejected(reason: str, extra: Dict[str, Any]) -> EstimatorResult:
+    diagnostics = {
+        "n_eff": float("nan"),
+        "n_eff_fraction": float("nan"),
+        "needs_resample": False,
+        "steps_run": 0,
+        "grad_norm": float("nan"),
+        "rejected": True,
+        "reason": reason,
+    }
+    diagnostics.update(extra)
+    return EstimatorResult(float("nan"), {}, diagnostics)
+
+
+def _check_on_nonfinite(value: str) -> str:
+    if value not in ("reject", "raise"):
+        raise ValueError(f"on_nonfinite must be 'reject' or 'raise', got {value!r}")
+    return value
+
+
+def _check_grid(r_range, n_bins, smearing) -> Tuple[Tuple[float, float], int, float]:
+    edges = rdf_bin_edges(r_range, n_bins)
+    smearing = 0.0 if smearing is None else float(smearing)
+    if smearing < 0 or not math.isfinite(smearing):
+        raise ValueError(f"smearing must be a non-negative number of nm, got {smearing}")
+    return (float(edges[0]), float(edges[-1])), int(edges.shape[0] - 1), smearing
+
+
+# -- reweighting -----------------------------------------------------------------------------
+
+
+class ReweightingEstimator:
+    """DiffTRe-style reweighting of OpenMM snapshots.
+
+    Parameters
+    ----------
+    r_range : (float, float)
+        RDF range in nm.
+    n_bins : int
+        RDF bins.
+    smearing : float
+        Gaussian smearing of the RDF in nm (same kernel as the targets).
+    n_eff_threshold : float
+        ``needs_resample`` is set when ``N_eff / N`` falls below this.
+    histogram_bin_width : float
+        Node spacing (nm) of the per-snapshot pair-distance histograms used
+        to re-evaluate energies.
+    pressure_weight : float
+        Weight of ``(⟨P⟩ - state.pressure)^2`` (bar^2) in the loss; 0 disables it.
+    energy_method : {"auto", "histogram", "exact"}
+        ``histogram``: U_θ from the fine histograms, O(nodes) per snapshot.
+        ``exact``: U_θ from the stored pair distances, O(pairs) per snapshot.
+        ``auto``: histogram if, at :meth:`reset`, its energies agree with
+        the exact ones to ``energy_tolerance`` (in kT) on every snapshot.
+    energy_tolerance : float
+        Largest allowed |U_hist - U_exact| / kT for ``auto``.
+    target_outside : str
+        ``outside`` argument of :meth:`Target.resample` for off-grid targets.
+    on_nonfinite : {"reject", "raise"}
+        What to do with non-finite weights, losses or gradients.
+
+    Notes
+    -----
+    Energies: every pair at distance r in node interval [r_k, r_k+1]
+    contributes cubic-Hermite weights to ``u(r_k), u'(r_k), u(r_k+1),
+    u'(r_k+1)``; summed per snapshot and pair type these give
+    ``U(x) = Σ_k W0_k u(r_k) + W1_k u'(r_k)`` with error ~ h^4 u''''/384 per
+    pair (h = node spacing). The same weights give the virial with ``r u'``.
+    """
+
+    def __init__(
+        self,
+        r_range=(0.0, 1.0),
+        n_bins: int = 100,
+        smearing: float = 0.01,
+        n_eff_threshold: float = 0.5,
+        histogram_bin_width: float = 0.0005,
+        pressure_weight: float = 0.0,
+        energy_method: str = "auto",
+        energy_tolerance: float = 1e-3,
+        target_outside: str = "error",
+        on_nonfinite: str = "reject",
+    ):
+        self.r_range, self.n_bins, self.smearing = _check_grid(r_range, n_bins, smearing)
+        if not 0.0 <= float(n_eff_threshold) <= 1.0:
+            raise ValueError(f"n_eff_threshold must lie in [0, 1], got {n_eff_threshold}")
+        if not float(histogram_bin_width) > 0:
+            raise ValueError(f"histogram_bin_width must be positive (nm), got {histogram_bin_width}")
+        if not float(pressure_weight) >= 0:
+            raise ValueError(f"pressure_weight must be non-negative, got {pressure_weight}")
+        if energy_method not in ("auto", "histogram", "exact"):
+            raise ValueError(f"energy_method must be 'auto', 'histogram' or 'exact', got {energy_method!r}")
+        self.n_eff_threshold = float(n_eff_threshold)
+        self.histogram_bin_width = float(histogram_bin_width)
+        self.pressure_weight = float(pressure_weight)
+        self.energy_method = energy_method
+        self.energy_tolerance = float(energy_tolerance)
+        self.target_outside = target_outside
+        self.on_nonfinite = _check_on_nonfinite(on_nonfinite)
+        edges = rdf_bin_edges(self.r_range, self.n_bins)
+        self.r = (0.5 * (edges[1:] + edges[:-1])).numpy()
+        self._snapshots = None
+        self._table = None
+        self.method_used: Optional[str] = None
+
+    # -- precomputation ---------------------------------------------------------------
+
+    def reset(self, table: PairTable, snapshots, state=None) -> None:
+        """Take the table's current parameters as θ0 (those that sampled ``snapshots``) and precompute.
+
+        Per snapshot: the smeared partial RDFs, the fine pair-distance
+        histograms (Hermite weights) per pair type, exact energies at θ0 and,
+        for ``energy_method="exact"``, the pair distances.
+        """
+        if not isinstance(table, PairTable):
+            raise TypeError(f"table must be a PairTable, got {type(table).__name__}")
+        state = snapshots.state if state is None else state
+        positions = torch.as_tensor(np.asarray(snapshots.positions, dtype=np.float64))
+        if positions.dim() != 3 or positions.shape[0] < 1:
+            raise ValueError(f"snapshots.positions must have shape (F, N, 3) with F >= 1, got {tuple(positions.shape)}")
+        n_frames, n_particles = positions.shape[0], positions.shape[1]
+        if not bool(torch.isfinite(positions).all()):
+            raise ValueError("snapshot positions contain NaN or infinite values")
+        boxes = torch.as_tensor(np.asarray(snapshots.boxes, dtype=np.float64))
+        if boxes.dim() == 2:
+            boxes = boxes.unsqueeze(0).expand(n_frames, *boxes.shape)
+        lengths = torch.stack([box_lengths(b) for b in boxes])
+        if bool((lengths < 2.0 * table.cutoff).any()):
+            raise ValueError(f"cutoff {table.cutoff} nm exceeds half the shortest box edge {float(lengths.min()) / 2} nm")
+        species = torch.as_tensor(_particle_species(table, state))
+        if species.shape[0] != n_particles:
+            raise ValueError(f"state {state.name!r} has {species.shape[0]} particles but snapshots have {n_particles}")
+
+        n_types = table.n_pair_types
+        # Put a node exactly on the cutoff: u may jump there (truncation).
+        n_intervals = max(1, int(round(table.cutoff / self.histogram_bin_width)))
+        h = table.cutoff / n_intervals
+        n_nodes = n_intervals + 1
+        w0 = torch.zeros(n_frames, n_types * n_nodes, dtype=torch.float64)
+        w1 = torch.zeros_like(w0)
+        exact = torch.zeros(n_frames, dtype=torch.float64)
+        pair_r: List[Tensor] = []
+        pair_t: List[Tensor] = []
+        pair_frame: List[Tensor] = []
+        rdfs = []
+        with torch.no_grad():
+            for s in range(n_frames):
+                x = positions[s]
+                i, j = neighbor_pairs(x, lengths[s], table.cutoff)
+                r = torch.sqrt((pair_displacements(x, i, j, lengths[s]) ** 2).sum(1))
+                types = table.pair_types(species[i], species[j])
+                exact[s] = table.energy_and_forces(x, lengths[s], species, i, j, False)[0]
+                if self.energy_method != "histogram":
+                    pair_r.append(r)
+                    pair_t.append(types)
+                    pair_frame.append(torch.full_like(i, s))
+                t = r / h
+                node = torch.clamp(torch.floor(t).long(), 0, n_nodes - 2)
+                f = t - node
+                f2, f3 = f * f, f * f * f
+                base = types * n_nodes + node
+                w0[s].index_add_(0, base, 2 * f3 - 3 * f2 + 1).index_add_(0, base + 1, -2 * f3 + 3 * f2)
+                w1[s].index_add_(0, base, h * (f3 - 2 * f2 + f)).index_add_(0, base + 1, h * (f3 - f2))
+                _, g = compute_partial_rdfs(
+                    x, boxes[s], species, len(table.species), self.r_range, self.n_bins, self.smearing
+                )
+                rdfs.append(g)
+        active = torch.nonzero((w0 != 0).any(0) | (w1 != 0).any(0)).squeeze(1)
+        self._w0 = w0[:, active].contiguous()
+        self._w1 = w1[:, active].contiguous()
+        node_index = active % n_nodes
+        self._node_type = active // n_nodes
+        # Evaluate the top node just inside the cutoff, where u is the limit from below.
+        self._node_r = torch.clamp(node_index.to(torch.float64) * h, max=table.cutoff * (1.0 - 1e-12))
+        if self.energy_method != "histogram":
+            self._pair_r = torch.cat(pair_r)
+            self._pair_t = torch.cat(pair_t)
+            self._pair_frame = torch.cat(pair_frame)
+        self._rdfs = torch.stack(rdfs)  # (F, n_types, n_bins)
+        self._volumes = lengths.prod(1)
+        self._n_particles = n_particles
+        self._snapshots = snapshots
+        self._table = table
+        self._beta = float(state.beta)
+
+        hist_energy, _ = self._histogram_energy_and_virial(table, need_virial=False)
+        hist_energy = hist_energy.detach()
+        self.histogram_energy_error = float((hist_energy - exact).abs().max()) * self._beta
+        if self.energy_method == "auto":
+            self.method_used = "histogram" if self.histogram_energy_error <= self.energy_tolerance else "exact"
+            if self.method_used == "histogram":
+                del self._pair_r, self._pair_t, self._pair_frame
+        else:
+            self.method_used = self.energy_method
+        self._reference_energy = hist_energy if self.method_used == "histogram" else exact
+        self.energy_mismatch = float("nan")
+        reported = getattr(snapshots, "potential_energies", None)
+        if reported is not None and np.size(reported) == n_frames:
+            # The sampler's energies may differ by a constant (e.g. a long-range correction).
+            diff = np.asarray(reported, dtype=np.float64) - exact.numpy()
+            self.energy_mismatch = float(np.abs(diff - diff.mean()).max())
+
+    def _node_values(self, table: PairTable, need_second: bool) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
+        r = self._node_r.clone().requires_grad_(need_second)
+        u, du = table.energy_and_derivative(r, self._node_type)
+        d2u = None
+        if need_second:
+            (d2u,) = torch.autograd.grad(du.sum(), r, create_graph=True)
+        return u, du, d2u
+
+    def _histogram_energy_and_virial(self, table: PairTable, need_virial: bool) -> Tuple[Tensor, Optional[Tensor]]:
+        with torch.enable_grad():
+            u, du, d2u = self._node_values(table, need_virial)
+        energy = self._w0 @ u + self._w1 @ du
+        virial = None
+        if need_virial:
+            r = self._node_r
+            # Σ_pairs r u'(r) with f = r u', f' = u' + r u''
+            virial = self._w0 @ (r * du) + self._w1 @ (du + r * d2u)
+        return energy, virial
+
+    def _exact_energy_and_virial(self, table: PairTable, need_virial: bool) -> Tuple[Tensor, Optional[Tensor]]:
+        u, du = table.energy_and_derivative(self._pair_r, self._pair_t)
+        n_frames = self._w0.shape[0]
+        energy = torch.zeros(n_frames, dtype=torch.float64).index_add(0, self._pair_frame, u)
+        virial = None
+        if need_virial:
+            virial = torch.zeros(n_frames, dtype=torch.float64).index_add(0, self._pair_frame, self._pair_r * du)
+        return energy, virial
+
+    # -- estimate ------------------------------------------------------------------------
+
+    def __call__(self, table: PairTable, state, snapshots, targets, loss_weight: float = 1.0) -> EstimatorResult:
+        """Reweighted RDF loss; adds its gradient to ``p.grad`` of ``table.parameters()``.
+
+        Reuses the precomputed data while ``snapshots`` (and ``table``) are
+        the same objects as at the last :meth:`reset`; otherwise resets with
+        the table's current parameters as θ0.
+        """
+        if snapshots is not self._snapshots or table is not self._table:
+            self.reset(table, snapshots, state)
+        beta = float(state.beta)
+        targets_prepared = _prepare_targets(table, targets, self.r, self.target_outside)
+        rows = [t.row for t in targets_prepared]
+        parameters = [p for p in table.parameters() if p.requires_grad]
+        use_pressure = self.pressure_weight > 0
+        if use_pressure and getattr(state, "pressure", None) is None:
+            raise ValueError(f"pressure_weight > 0 but state {state.name!r} has no target pressure")
+        scale = float(state.weight) * float(loss_weight)
+        with torch.enable_grad():
+            if self.method_used == "histogram":
+                energy, virial = self._histogram_energy_and_virial(table, use_pressure)
+            else:
+                energy, virial = self._exact_energy_and_virial(table, use_pressure)
+            log_w = -beta * (energy - self._reference_energy)
+            weights = torch.softmax(log_w, 0)  # log-sum-exp, float64
+            g_model = torch.einsum("s,stb->tb", weights, self._rdfs[:, rows])
+            loss = _rdf_loss_terms(g_model, targets_prepared) * scale
+            pressure = None
+            if use_pressure:
+                kinetic = self._n_particles / beta / self._volumes
+                per_snapshot = (kinetic - virial / (3.0 * self._volumes)) * BAR_PER_KJ_PER_MOL_NM3
+                pressure = (weights * per_snapshot).sum()
+                loss = loss + self.pressure_weight * scale * (pressure - float(state.pressure)) ** 2
+        with torch.no_grad():
+            w = weights.detach()
+            entropy = -(w * torch.log(torch.clamp(w, min=1e-300))).sum()
+            n_eff = float(torch.exp(entropy))
+        n_frames = w.shape[0]
+        diagnostics: Dict[str, Any] = {
+            "n_eff": n_eff,
+            "n_eff_fraction": n_eff / n_frames,
+            "needs_resample": bool(n_eff / n_frames < self.n_eff_threshold),
+            "steps_run": 0,
+            "n_snapshots": n_frames,
+            "energy_method": self.method_used,
+            "histogram_energy_error_kT": self.histogram_energy_error,
+            "energy_mismatch": self.energy_mismatch,
+            "max_delta_u_kT": float((log_w.detach()).abs().max()),
+            "rejected": False,
+            "reason": "",
+        }
+        if pressure is not None:
+            diagnostics["pressure"] = float(pressure.detach())
+        if not bool(torch.isfinite(loss.detach())) or not bool(torch.isfinite(w).all()):
+            return self._reject("non-finite reweighting weights or loss (energies diverged at the new parameters)", diagnostics)
+        grads = torch.autograd.grad(loss, parameters, allow_unused=True) if parameters else []
+        try:
+            diagnostics["grad_norm"] = _accumulate(parameters, grads)
+        except NonFiniteError as exc:
+            return self._reject(str(exc), diagnostics)
+        return EstimatorResult(
+            float(loss.detach()),
+            _rmse(g_model, targets_prepared),
+            diagnostics,
+            self.r.copy(),
+            {t.key: g_model[k].detach().numpy().copy() for k, t in enumerate(targets_prepared)},
+        )
+
+    def _reject(self, reason: str, diagnostics: Dict[str, Any]) -> EstimatorResult:
+        if self.on_nonfinite == "raise":
+            raise NonFiniteError(reason)
+        diagnostics = dict(diagnostics, rejected=True, reason=reason, grad_norm=float("nan"))
+        return EstimatorResult(float("nan"), {}, diagnostics, self.r.copy(), {})
+
+    def weights(self, table: PairTable, state) -> Tensor:
+        """Normalised snapshot weights (F,) at the table's current parameters (no grad)."""
+        if self._snapshots is None:
+            raise RuntimeError("call reset(table, snapshots) or the estimator first")
+        with torch.no_grad():
+            if self.method_used == "histogram":
+                energy, _ = self._histogram_energy_and_virial(table, False)
+            else:
+                energy, _ = self._exact_energy_and_virial(table, False)
+            return torch.softmax(-float(state.beta) * (energy.detach() - self._reference_energy), 0)
+
+
+# -- rollouts --------------------------------------------------------------------------------
+
+
+class RolloutEstimator:
+    """Differentiable rollouts seeded from snapshots (the seed paper's DiffSim).
+
+    Each call picks ``n_replicas`` snapshots (positions and velocities),
+    integrates them together for ``n_steps``, averages the smeared RDFs of
+    the frames recorded every ``record_every`` steps over frames and
+    replicas, and differentiates the loss with respect to the table's
+    parameters.
+
+    Parameters
+    ----------
+    n_steps : int
+        Rollout length.
+    record_every : int
+        Frame interval (frames at steps record_every, 2 record_every, ...).
+    timestep : float
+        ps.
+    integrator : {"nve", "nose-hoover", "langevin"}
+        Velocity Verlet, Nosé–Hoover chain or Langevin BAOAB (at ``state.temperature``).
+    n_replicas : int
+        Snapshots integrated at once (batched).
+    adjoint : bool
+        Use the adjoint (backward integration, memory independent of
+        ``n_steps``) instead of backpropagation through the rollout.
+    dtype : torch.dtype
+        Precision of the rollout (float64 recommended for the adjoint).
+    r_range, n_bins, smearing
+        RDF grid and Gaussian smearing (nm).
+    skin : float
+        Verlet skin in nm.
+    seed : int
+        Seeds the choice of snapshots, missing velocities and Langevin noise
+        (each call advances it).
+    checkpoint_every : int or None
+        Adjoint checkpoints (see :func:`~openmm_diffsim.dynamics.rollout_gradient`).
+    integrator_options : dict, optional
+        Extra keyword arguments of the integrator (``relaxation_time``,
+        ``chain_length``, ``friction``).
+    target_outside : str
+        ``outside`` argument of :meth:`Target.resample` for off-grid targets.
+    on_nonfinite : {"reject", "raise"}
+        Non-finite forces, loss or gradients: report a rejected estimate, or raise
+        :class:`NonFiniteError`.
+    """
+
+    def __init__(
+        self,
+        n_steps: int = 100,
+        record_every: int = 10,
+        timestep: float = 0.002,
+        integrator: str = "nve",
+        n_replicas: int = 4,
+        adjoint: bool = False,
+        dtype: torch.dtype = torch.float64,
+        r_range=(0.0, 1.0),
+        n_bins: int = 100,
+        smearing: float = 0.01,
+        skin: float = 0.1,
+        seed: int = 0,
+        checkpoint_every: Optional[int] = 50,
+        integrator_options: Optional[Dict[str, Any]] = None,
+        target_outside: str = "error",
+        on_nonfinite: str = "reject",
+    ):
+        if int(n_steps) != n_steps or n_steps < 1:
+            raise ValueError(f"n_steps must be a positive integer, got {n_steps}")
+        if int(record_every) != record_every or not 1 <= record_every <= n_steps:
+            raise ValueError(f"record_every must be an integer in 1..n_steps, got {record_every}")
+        if int(n_replicas) != n_replicas or n_replicas < 1:
+            raise ValueError(f"n_replicas must be a positive integer, got {n_replicas}")
+        if dtype not in (torch.float32, torch.float64):
+            raise TypeError(f"dtype must be torch.float32 or torch.float64, got {dtype}")
+        make_integrator(integrator, timestep, 1.0, **(integrator_options or {}))  # validate early
+        self.n_steps = int(n_steps)
+        self.record_every = int(record_every)
+        self.timestep = float(timestep)
+        self.integrator = integrator
+        self.n_replicas = int(n_replicas)
+        self.adjoint = bool(adjoint)
+        self.dtype = dtype
+        self.r_range, self.n_bins, self.smearing = _check_grid(r_range, n_bins, smearing)
+        self.skin = float(skin)
+        self.seed = int(seed)
+        self.checkpoint_every = checkpoint_every
+        self.integrator_options = dict(integrator_options or {})
+        self.target_outside = target_outside
+        self.on_nonfinite = _check_on_nonfinite(on_nonfinite)
+        edges = rdf_bin_edges(self.r_range, self.n_bins)
+        self.r = (0.5 * (edges[1:] + edges[:-1])).numpy()
+        self.calls = 0
+
+    def _choose(self, n_snapshots: int) -> np.ndarray:
+        if n_snapshots < 1:
+            raise ValueError("snapshots are empty: a rollout needs at least one starting configuration")
+        rng = np.random.default_rng((self.seed, self.calls))
+        if n_snapshots <= self.n_replicas:
+            return np.arange(n_snapshots)
+        return np.sort(rng.choice(n_snapshots, self.n_replicas, replace=False))
+
+    def __call__(self, table: PairTable, state, snapshots, targets, loss_weight: float = 1.0) -> EstimatorResult:
+        """Rollout RDF loss; adds its gradient to ``p.grad`` of ``table.parameters()``."""
+        if not isinstance(table, PairTable):
+            raise TypeError(f"table must be a PairTable, got {type(table).__name__}")
+        targets_prepared = _prepare_targets(table, targets, self.r, self.target_outside)
+        rows = [t.row for t in targets_prepared]
+        chosen = self._choose(len(snapshots.positions))
+        call_seed = self.seed * 7919 + self.calls
+        self.calls += 1
+        positions = torch.as_tensor(np.asarray(snapshots.positions)[chosen], dtype=self.dtype)
+        boxes = np.asarray(snapshots.boxes, dtype=np.float64)[chosen]
+        if not np.allclose(boxes, boxes[0], rtol=1e-12, atol=0.0):
+            raise ValueError("rollout replicas must share one box: the chosen snapshots have different boxes")
+        box = boxes[0]
+        species = _particle_species(table, state)
+        masses = state.particle_masses()
+        velocities = getattr(snapshots, "velocities", None)
+        if velocities is None or not np.any(np.asarray(velocities)[chosen]):
+            velocities = maxwell_boltzmann_velocities(masses, state.temperature, len(chosen), call_seed, self.dtype)
+        else:
+            velocities = torch.as_tensor(np.asarray(velocities)[chosen], dtype=self.dtype)
+        forces = PairForces(table, species, box, self.skin)
+        integrator = make_integrator(
+            self.integrator, self.timestep, state.temperature, seed=call_seed, **self.integrator_options
+        )
+        species_t = torch.as_tensor(species)
+        n_species = len(table.species)
+        box_t = torch.as_tensor(box)
+        scale = float(state.weight) * float(loss_weight)
+
+        def observable(frame: Tensor) -> Tensor:
+            _, g = compute_partial_rdfs(frame, box_t, species_t, n_species, self.r_range, self.n_bins, self.smearing)
+            return g[rows]
+
+        def loss(g_mean: Tensor) -> Tensor:
+            return _rdf_loss_terms(g_mean, targets_prepared) * scale
+
+        parameters = [p for p in table.parameters() if p.requires_grad]
+        base = {"n_eff": float(len(chosen)), "n_eff_fraction": 1.0, "needs_resample": False, "n_replicas": len(chosen)}
+        try:
+            result = rollout_gradient(
+                forces,
+                masses,
+                integrator,
+                positions,
+                velocities,
+                self.n_steps,
+                self.record_every,
+                observable,
+                loss,
+                parameters,
+                method="adjoint" if self.adjoint else "backprop",
+                checkpoint_every=self.checkpoint_every,
+            )
+            grad_norm = _accumulate(parameters, result.gradients)
+        except NonFiniteError as exc:
+            if self.on_nonfinite == "raise":
+                raise
+            rejected = _rejected(f"{exc}", dict(base, n_eff=float("nan"), n_eff_fraction=float("nan")))
+            rejected.r = self.r.copy()
+            return rejected
+        g_model = result.observable
+        diagnostics: Dict[str, Any] = dict(base)
+        diagnostics.update(result.diagnostics)
+        diagnostics.update(
+            {"steps_run": int(result.diagnostics["steps_run"]), "grad_norm": grad_norm, "rejected": False, "reason": ""}
+        )
+        return EstimatorResult(
+            result.loss,
+            _rmse(g_model, targets_prepared),
+            diagnostics,
+            self.r.copy(),
+            {t.key: g_model[k].numpy().copy() for k, t in enumerate(targets_prepared)},
+        )

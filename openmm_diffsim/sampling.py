@@ -1,0 +1,953 @@
+"""OpenMM sampler: run the current pair potential at a state point, collect snapshots.
+
+:class:`Sampler` wraps an ``openmm.app.Simulation`` for one
+:class:`~openmm_diffsim.systems.StatePoint` and one
+:class:`~openmm_diffsim.potentials.PairTable`. It minimises, equilibrates and
+runs production, returning :class:`Snapshots` (positions, velocities, boxes,
+potential energies) every ``interval`` steps. After the trainer changes the
+potential, :meth:`Sampler.update_potential` hands the new parameters to the
+live simulation, which continues from its last positions, velocities and box.
+
+Backends (how the pair potential enters OpenMM):
+
+``"torch"``
+    openmm-torch ``TorchForce`` running the TorchScript
+    :class:`~openmm_diffsim.energy.PairEnergy` module: the model itself.
+``"tabulated"``
+    ``CustomNonbondedForce`` with one ``Continuous1DFunction`` spline of u(r)
+    per pair type, tabulated from the PairTable (its cutoff convention
+    included). Forces are the derivative of OpenMM's spline of u. New
+    parameters go in through ``updateParametersInContext``.
+``"native"``
+    OpenMM's ``NonbondedForce``: only for tables whose pair potentials are all
+    :class:`~openmm_diffsim.potentials.LennardJones` with Lorentz–Berthelot
+    mixing and ``truncate`` or ``switch`` cutoffs. A reference, not a model.
+
+``"auto"`` picks per platform from :data:`DEFAULT_BACKEND` (measured with
+``benchmarks/bench_sampling.py``).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import time
+from dataclasses import dataclass
+from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import torch
+
+from .potentials import LennardJones, PairTable
+from .systems import StatePoint
+from .units import to_array, to_float
+
+__all__ = [
+    "Sampler",
+    "Snapshots",
+    "SnapshotTensors",
+    "SamplingError",
+    "reference_rdfs",
+    "create_tabulated_force",
+    "create_native_lj_force",
+    "choose_platform",
+    "DEFAULT_BACKEND",
+    "PLATFORM_ORDER",
+    "BACKENDS",
+]
+
+logger = logging.getLogger(__name__)
+
+#: Platforms tried in this order when none is named.
+PLATFORM_ORDER = ("CUDA", "OpenCL", "CPU")
+
+BACKENDS = ("torch", "tabulated", "native")
+
+#: Backend that ``backend="auto"`` uses on each platform.
+#:
+#: CPU/Reference: measured with ``benchmarks/bench_sampling.py`` (2-core CPU,
+#: LJ at ρ* = 0.8, cutoff 1 nm): the tabulated CustomNonbondedForce runs
+#: ~1.6-2x faster than TorchForce (N = 4000: 90 vs 50 steps/s; see
+#: docs/sampling.md), its hand-over is sub-millisecond against ~0.1 s for
+#: TorchForce, and its energies match TorchForce to ~1e-7 relative. CUDA/OpenCL:
+#: not measured here; OpenMM's custom nonbonded kernel is its own optimised
+#: GPU pair loop, so the same choice is made until a GPU measurement says
+#: otherwise. Change this dict (or pass ``backend=``) to override.
+DEFAULT_BACKEND: Dict[str, str] = {
+    "CUDA": "tabulated",
+    "OpenCL": "tabulated",
+    "CPU": "tabulated",
+    "Reference": "tabulated",
+}
+
+#: Mixed precision is OpenMM's recommended default for MD on GPUs.
+_DEFAULT_PROPERTIES: Dict[str, Dict[str, str]] = {
+    "CUDA": {"Precision": "mixed"},
+    "OpenCL": {"Precision": "mixed"},
+}
+
+#: Default number of knots in the tabulated u(r) (error measured in docs/sampling.md).
+DEFAULT_TABLE_POINTS = 4096
+#: The tabulated spline starts where u(r) first drops below this (kJ/mol) and
+#: continues linearly inward: such energies are never visited in sampling.
+DEFAULT_TABLE_ENERGY_CAP = 1.0e5
+
+_FORCE_NAME = "openmm-diffsim pair potential"
+
+
+class SamplingError(RuntimeError):
+    """Sampling failed: NaN, exploding energy or an OpenMM error.
+
+    Attributes
+    ----------
+    state_name : str
+        Name of the state point being sampled.
+    step : int
+        MD step (``Sampler.total_steps``) at which the failure was detected;
+        the fault happened at or before it, after the previous check.
+    reason : str
+        What was detected.
+    """
+
+    def __init__(self, state_name: str, step: int, reason: str):
+        self.state_name = state_name
+        self.step = int(step)
+        self.reason = reason
+        super().__init__(f"sampling state {state_name!r} failed at step {step}: {reason}")
+
+
+# -- snapshots ----------------------------------------------------------------------------
+
+
+class SnapshotTensors(NamedTuple):
+    """Snapshots as torch tensors (see :meth:`Snapshots.to_torch`)."""
+
+    positions: torch.Tensor
+    velocities: torch.Tensor
+    boxes: torch.Tensor
+    potential_energies: torch.Tensor
+    steps: torch.Tensor
+    species: torch.Tensor
+
+
+@dataclass
+class Snapshots:
+    """Configurations sampled at one state point.
+
+    Attributes
+    ----------
+    positions : numpy.ndarray, shape (F, N, 3), float64
+        Positions in nm, not wrapped into the box.
+    velocities : numpy.ndarray, shape (F, N, 3), float64
+        Velocities in nm/ps.
+    boxes : numpy.ndarray, shape (F, 3, 3), float64
+        Periodic box vectors (rows) in nm.
+    potential_energies : numpy.ndarray, shape (F,), float64
+        Potential energy in kJ/mol from the sampling backend.
+    steps : numpy.ndarray, shape (F,), int64
+        MD step (``Sampler.total_steps``) of each frame.
+    state : StatePoint
+        The state point sampled; ``state.particle_species()`` gives the species.
+    """
+
+    positions: np.ndarray
+    velocities: np.ndarray
+    boxes: np.ndarray
+    potential_energies: np.ndarray
+    steps: np.ndarray
+    state: StatePoint
+
+    def __len__(self) -> int:
+        return int(self.positions.shape[0])
+
+    def __getitem__(self, index) -> Snapshots:
+        if isinstance(index, (int, np.integer)):
+            index = slice(int(index), int(index) + 1 if int(index) != -1 else None)
+        return Snapshots(
+            self.positions[index],
+            self.velocities[index],
+            self.boxes[index],
+            self.potential_energies[index],
+            self.steps[index],
+            self.state,
+        )
+
+    @property
+    def n_particles(self) -> int:
+        return int(self.positions.shape[1])
+
+    def to_torch(self, dtype: torch.dtype = torch.float64, device=None) -> SnapshotTensors:
+        """The arrays as tensors (floats in ``dtype``), plus the species index per particle (N,) int64."""
+        return SnapshotTensors(
+            torch.as_tensor(self.positions, dtype=dtype, device=device),
+            torch.as_tensor(self.velocities, dtype=dtype, device=device),
+            torch.as_tensor(self.boxes, dtype=dtype, device=device),
+            torch.as_tensor(self.potential_energies, dtype=dtype, device=device),
+            torch.as_tensor(self.steps, dtype=torch.long, device=device),
+            torch.as_tensor(self.state.particle_species(), dtype=torch.long, device=device),
+        )
+
+    def to_mdtraj(self, timestep: float = 0.002):
+        """An ``mdtraj.Trajectory`` of the frames (time in ps from ``steps * timestep``)."""
+        import mdtraj
+
+        lengths = np.stack([np.diag(b) for b in self.boxes]) if len(self) else np.zeros((0, 3))
+        return mdtraj.Trajectory(
+            self.positions.astype(np.float32),
+            mdtraj.Topology.from_openmm(self.state.topology()),
+            time=self.steps * float(timestep),
+            unitcell_lengths=lengths,
+            unitcell_angles=np.full((len(self), 3), 90.0),
+        )
+
+    @staticmethod
+    def concatenate(parts: Sequence[Snapshots]) -> Snapshots:
+        """Join snapshot sets of the same state point along the frame axis."""
+        parts = list(parts)
+        if not parts:
+            raise ValueError("need at least one Snapshots object to concatenate")
+        state = parts[0].state
+        for p in parts[1:]:
+            if p.state.name != state.name or p.n_particles != parts[0].n_particles:
+                raise ValueError("can only concatenate snapshots of the same state point")
+        return Snapshots(
+            np.concatenate([p.positions for p in parts]),
+            np.concatenate([p.velocities for p in parts]),
+            np.concatenate([p.boxes for p in parts]),
+            np.concatenate([p.potential_energies for p in parts]),
+            np.concatenate([p.steps for p in parts]),
+            state,
+        )
+
+
+# -- platforms ------------------------------------------------------------------------------
+
+
+def _openmm():
+    from .torchforce import _import_openmm
+
+    return _import_openmm()
+
+
+def available_platforms() -> List[str]:
+    """Names of the OpenMM platforms that loaded in this process."""
+    openmm = _openmm()
+    return [openmm.Platform.getPlatform(i).getName() for i in range(openmm.Platform.getNumPlatforms())]
+
+
+def choose_platform(platform: Optional[str] = None) -> str:
+    """The platform to run on: ``platform`` if given, else CUDA, then OpenCL, then CPU.
+
+    Raises
+    ------
+    ValueError
+        If the named platform is not available.
+    """
+    names = available_platforms()
+    if platform is not None:
+        if hasattr(platform, "getName"):
+            platform = platform.getName()
+        if platform not in names:
+            raise ValueError(f"OpenMM platform {platform!r} is not available here; available: {names}")
+        return platform
+    for name in PLATFORM_ORDER:
+        if name in names:
+            return name
+    return "Reference"
+
+
+# -- forces ------------------------------------------------------------------------------------
+
+
+def _check_species(table: PairTable, state: StatePoint) -> np.ndarray:
+    """Map state species names to table species indices; clear error on mismatch."""
+    missing = [s for s in state.species if s not in table.species]
+    if missing:
+        raise ValueError(
+            f"state {state.name!r} has species {missing} that the potential does not define; "
+            f"potential species: {table.species}, state species: {state.species}"
+        )
+    return np.array([table.species.index(s) for s in state.species], dtype=np.int64)
+
+
+def _check_cutoff(table: PairTable, lengths: np.ndarray, name: str) -> None:
+    if 2.0 * table.cutoff > float(np.min(lengths)):
+        raise ValueError(
+            f"state {name!r}: cutoff {table.cutoff:.4g} nm is more than half the shortest box edge "
+            f"{float(np.min(lengths)):.4g} nm; use more particles, a larger box or a shorter cutoff"
+        )
+
+
+def _table_grid_start(table: PairTable, energy_cap: float, n_scan: int = 20000) -> float:
+    """Smallest r where every pair type's u(r) is finite and below ``energy_cap`` (and stays so outward)."""
+    r = np.linspace(table.cutoff * 1e-3, table.cutoff, n_scan)
+    bad = np.zeros(r.shape, dtype=bool)
+    for k in range(table.n_pair_types):
+        u, du = table.evaluate(r, k)
+        bad |= ~np.isfinite(u) | ~np.isfinite(du) | (u > energy_cap)
+    if bad[-2]:
+        raise ValueError(f"u(r) exceeds {energy_cap} kJ/mol or is not finite just inside the cutoff")
+    last_bad = np.nonzero(bad)[0]
+    return float(r[last_bad[-1] + 1]) if last_bad.size else float(r[0])
+
+
+def _tabulate_pairs(table: PairTable, r_min: float, n_points: int) -> Tuple[np.ndarray, List[np.ndarray], List[float]]:
+    """u(r) on the knots for every pair type, and du/dr at r_min (for the inward continuation)."""
+    r = np.linspace(r_min, table.cutoff, n_points)
+    # The last knot takes the left limit at the cutoff (nonzero for 'truncate'):
+    # OpenMM drops pairs at r >= cutoff itself.
+    r_eval = r.copy()
+    r_eval[-1] = table.cutoff * (1.0 - 1e-12)
+    values, slopes = [], []
+    for k in range(table.n_pair_types):
+        u, du = table.evaluate(r_eval, k)
+        if not (np.all(np.isfinite(u)) and np.isfinite(du[0])):
+            raise ValueError(
+                f"u(r) of pair {table.pair_names[k]} is not finite on the table grid "
+                f"[{r_min:.4g}, {table.cutoff:.4g}] nm"
+            )
+        values.append(u)
+        slopes.append(float(du[0]))
+    return r, values, slopes
+
+
+def create_tabulated_force(
+    table: PairTable,
+    particle_species,
+    n_points: int = DEFAULT_TABLE_POINTS,
+    r_min: Optional[float] = None,
+    energy_cap: float = DEFAULT_TABLE_ENERGY_CAP,
+):
+    """A ``CustomNonbondedForce`` that evaluates ``table`` from cubic-spline tables.
+
+    One ``Continuous1DFunction`` per pair type holds u(r) on ``n_points``
+    uniform knots over [r_min, cutoff], with the table's cutoff convention
+    applied (shift/switch included; for ``truncate`` the last knot is the left
+    limit of u at the cutoff). Below ``r_min`` the energy continues linearly
+    with the table's slope at ``r_min`` (global parameters
+    ``odiff_slope<k>``), so overlapping particles are still pushed apart.
+    Particle parameter ``odiff_species`` is the species index; a
+    ``Discrete2DFunction`` maps species pairs to pair types.
+
+    Parameters
+    ----------
+    table : PairTable
+        The potential.
+    particle_species : array_like of int, shape (N,)
+        Species index (into ``table.species``) of every particle.
+    n_points : int
+        Knots per pair type.
+    r_min : float, optional
+        Start of the table in nm; by default where u(r) first drops below
+        ``energy_cap`` for all pair types.
+    energy_cap : float
+        kJ/mol, see ``r_min``.
+
+    Returns
+    -------
+    openmm.CustomNonbondedForce
+        With periodic cutoff at ``table.cutoff`` and no long-range correction.
+        The grid is ``force.getTabulatedFunction(0).getFunctionParameters()``.
+    """
+    openmm = _openmm()
+    n_points = int(n_points)
+    if n_points < 16:
+        raise ValueError(f"n_points must be at least 16, got {n_points}")
+    if r_min is None:
+        r_min = _table_grid_start(table, energy_cap)
+    if not 0 < r_min < table.cutoff:
+        raise ValueError(f"r_min must lie in (0, cutoff={table.cutoff}), got {r_min}")
+    _, values, slopes = _tabulate_pairs(table, r_min, n_points)
+    n_types = table.n_pair_types
+    terms = [f"(odiff_u{k}(rr) + odiff_slope{k}*(r - rr))" for k in range(n_types)]
+    # Nested select: pair type k picks term k. Pair types are exact small integers.
+    energy = terms[-1]
+    for k in range(n_types - 2, -1, -1):
+        energy = f"select(pt - {k}, {energy}, {terms[k]})"
+    expression = f"{energy}; rr = max(r, {r_min!r})"
+    if n_types > 1:
+        expression += "; pt = odiff_pair_type(odiff_species1, odiff_species2)"
+    force = openmm.CustomNonbondedForce(expression)
+    force.setName(_FORCE_NAME)
+    force.addPerParticleParameter("odiff_species")
+    for k in range(n_types):
+        force.addTabulatedFunction(f"odiff_u{k}", openmm.Continuous1DFunction(values[k].tolist(), r_min, table.cutoff))
+        force.addGlobalParameter(f"odiff_slope{k}", slopes[k])
+    if n_types > 1:
+        n_species = len(table.species)
+        type_matrix = table.type_matrix.numpy()
+        force.addTabulatedFunction(
+            "odiff_pair_type",
+            openmm.Discrete2DFunction(n_species, n_species, type_matrix.T.reshape(-1).astype(float).tolist()),
+        )
+    force.setNonbondedMethod(openmm.CustomNonbondedForce.CutoffPeriodic)
+    force.setCutoffDistance(table.cutoff)
+    force.setUseLongRangeCorrection(False)
+    force.setUseSwitchingFunction(False)
+    for s in np.asarray(particle_species, dtype=np.int64):
+        force.addParticle([float(s)])
+    return force
+
+
+def _lj_parameters(table: PairTable) -> List[Tuple[float, float]]:
+    """Per-species (sigma, epsilon) if the table is plain LJ with Lorentz-Berthelot mixing, else ValueError."""
+    for key, pot in zip(table.pair_keys(), table.pair_potentials, strict=True):
+        if type(pot) is not LennardJones:
+            raise ValueError(
+                f"backend 'native' needs LennardJones for every pair; pair {key} is {type(pot).__name__}. "
+                "Use backend 'tabulated' or 'torch'."
+            )
+    if table.cutoff_mode == "shift":
+        raise ValueError(
+            "backend 'native' (NonbondedForce) cannot shift LJ at the cutoff; use cutoff_mode 'truncate' or "
+            "'switch', or backend 'tabulated'/'torch'"
+        )
+    per_species = []
+    for s in range(len(table.species)):
+        pot = table.pair_potentials[table.pair_index((table.species[s], table.species[s]))]
+        per_species.append((float(pot.sigma.detach()), float(pot.epsilon.detach())))
+    for key, pot in zip(table.pair_keys(), table.pair_potentials, strict=True):
+        (sa, ea), (sb, eb) = (per_species[table.species.index(k)] for k in key)
+        if not (
+            math.isclose(float(pot.sigma.detach()), 0.5 * (sa + sb), rel_tol=1e-9)
+            and math.isclose(float(pot.epsilon.detach()), math.sqrt(ea * eb), rel_tol=1e-9)
+        ):
+            raise ValueError(
+                f"backend 'native' needs Lorentz-Berthelot mixing; pair {key} has sigma {float(pot.sigma)}, "
+                f"epsilon {float(pot.epsilon)}"
+            )
+    return per_species
+
+
+def create_native_lj_force(table: PairTable, particle_species):
+    """OpenMM's ``NonbondedForce`` for an all-LennardJones table (LB mixing, truncate or switch)."""
+    openmm = _openmm()
+    per_species = _lj_parameters(table)
+    force = openmm.NonbondedForce()
+    force.setName(_FORCE_NAME)
+    force.setNonbondedMethod(openmm.NonbondedForce.CutoffPeriodic)
+    force.setCutoffDistance(table.cutoff)
+    force.setUseDispersionCorrection(False)
+    if table.cutoff_mode == "switch":
+        force.setUseSwitchingFunction(True)
+        force.setSwitchingDistance(table.switch_distance)
+    for s in np.asarray(particle_species, dtype=np.int64):
+        sigma, epsilon = per_species[int(s)]
+        force.addParticle(0.0, sigma, epsilon)
+    return force
+
+
+def _structure_signature(table: PairTable):
+    """Everything about a table except parameter values: equal signatures can share a scripted module."""
+    parts = [tuple(table.species), table.cutoff, table.cutoff_mode, table.switch_distance]
+    for name, module in table.named_modules():
+        attrs = tuple(
+            sorted(
+                (k, v) for k, v in vars(module).items() if not k.startswith("_") and isinstance(v, (int, float, str))
+            )
+        )
+        parts.append((name, type(module).__name__, attrs))
+    parts.extend((k, tuple(v.shape), v.dtype) for k, v in table.state_dict().items())
+    return tuple(parts)
+
+
+# -- the sampler -------------------------------------------------------------------------------------
+
+
+class Sampler:
+    """Molecular dynamics of one state point with the current pair potential.
+
+    Parameters
+    ----------
+    state : StatePoint
+        Composition, temperature and box. Its species names must appear in
+        ``table.species``.
+    table : PairTable
+        The pair potential.
+    backend : {"auto", "torch", "tabulated", "native"}
+        How the potential enters OpenMM (module docstring); ``auto`` uses
+        :data:`DEFAULT_BACKEND` for the chosen platform.
+    platform : str, optional
+        OpenMM platform name; by default CUDA, then OpenCL, then CPU.
+    integrator : {"langevin", "nose-hoover"}
+        ``LangevinMiddleIntegrator`` or ``NoseHooverIntegrator`` (chain of 3).
+    timestep : float or Quantity
+        ps.
+    friction : float or Quantity
+        Langevin friction, or Nosé–Hoover collision frequency, in 1/ps.
+    seed : int, optional
+        Makes runs reproducible: initial configuration, velocities and the
+        Langevin noise. ``None`` draws a random seed (recorded as ``.seed``).
+    positions : array_like (N, 3) or Quantity, optional
+        Start configuration in nm; by default an fcc lattice.
+    reporters : sequence
+        OpenMM reporters (``app.DCDReporter``, ``app.StateDataReporter``, ...)
+        called during every MD step run by this sampler.
+    skin : float
+        Verlet skin (nm) of the TorchForce neighbor list.
+    platform_properties : dict, optional
+        OpenMM platform properties (default: mixed precision on GPUs).
+    table_points : int
+        Knots per pair type for the tabulated backend.
+    check_interval : int
+        During :meth:`equilibrate`, check for NaN/explosion every this many steps.
+    max_temperature_factor : float
+        Kinetic temperature above this multiple of the target counts as an explosion.
+
+    Attributes
+    ----------
+    platform_name : str
+        The platform that runs (also logged at INFO level).
+    backend : str
+        The backend that runs.
+    total_steps : int
+        MD steps run so far.
+    last_handover_seconds : float
+        Wall time of the last :meth:`update_potential`.
+    last_handover_method : str
+        ``"in place"`` (``updateParametersInContext``) or ``"rebuild"`` (new
+        force, ``Context.reinitialize``) for the last hand-over.
+    """
+
+    def __init__(
+        self,
+        state: StatePoint,
+        table: PairTable,
+        backend: str = "auto",
+        platform: Optional[str] = None,
+        integrator: str = "langevin",
+        timestep=0.002,
+        friction=1.0,
+        seed: Optional[int] = None,
+        positions=None,
+        reporters: Sequence = (),
+        skin: float = 0.1,
+        platform_properties: Optional[Dict[str, str]] = None,
+        table_points: int = DEFAULT_TABLE_POINTS,
+        check_interval: int = 1000,
+        max_temperature_factor: float = 10.0,
+    ):
+        _openmm()  # fail early with an install hint
+
+        if not isinstance(state, StatePoint):
+            raise TypeError(f"state must be a StatePoint, got {type(state).__name__}")
+        if not isinstance(table, PairTable):
+            raise TypeError(f"table must be a PairTable, got {type(table).__name__}")
+        if backend not in ("auto",) + BACKENDS:
+            raise ValueError(f"backend must be 'auto' or one of {BACKENDS}, got {backend!r}")
+        if integrator not in ("langevin", "nose-hoover"):
+            raise ValueError(f"integrator must be 'langevin' or 'nose-hoover', got {integrator!r}")
+        self.state = state
+        self.seed = int(seed) if seed is not None else int(np.random.SeedSequence().entropy % (2**31 - 1))
+        self.skin = float(skin)
+        self.table_points = int(table_points)
+        self.check_interval = int(check_interval)
+        if self.check_interval < 1:
+            raise ValueError("check_interval must be at least 1")
+        self.max_temperature_factor = float(max_temperature_factor)
+        self.timestep = to_float(timestep, "timestep", "picosecond")
+        self.friction = to_float(friction, "friction")
+        if self.timestep <= 0:
+            raise ValueError(f"timestep must be positive (ps), got {self.timestep}")
+        if self.friction <= 0:
+            raise ValueError(f"friction must be positive (1/ps), got {self.friction}")
+        self._table_species = _check_species(table, state)
+        _check_cutoff(table, state.box_lengths, state.name)
+        self._particle_species = self._table_species[state.particle_species()]
+
+        if backend == "native":
+            _lj_parameters(table)  # fail early with the reason
+        if positions is None:
+            positions = state.initial_positions("lattice", min_distance=self._overlap_distance(table), seed=self.seed)
+        positions = to_array(positions, "positions", "nanometer")
+        if positions.shape != (state.n_particles, 3):
+            raise ValueError(f"positions must have shape ({state.n_particles}, 3), got {positions.shape}")
+        if not np.all(np.isfinite(positions)):
+            raise ValueError("positions contain NaN or infinite values")
+        self.integrator_name = integrator
+        self.table = copy.deepcopy(table)
+
+        # A named platform must work; an automatic choice falls through to the
+        # next platform if a Context cannot be made (e.g. OpenCL without a device).
+        if platform is not None:
+            candidates = [choose_platform(platform)]
+        else:
+            available = available_platforms()
+            candidates = [name for name in PLATFORM_ORDER if name in available] or ["Reference"]
+        failures = []
+        for name in candidates:
+            try:
+                self._create_simulation(name, backend, platform_properties)
+                break
+            except Exception as exc:  # noqa: BLE001 - collected and reported below
+                failures.append(f"{name} ({self.backend}): {exc}")
+                logger.warning("state %r: could not create an OpenMM context on %s: %s", state.name, name, exc)
+        else:
+            raise RuntimeError("could not create an OpenMM context: " + "; ".join(failures))
+        self.context = self.simulation.context
+        self.context.setPositions(positions)
+        self.context.setVelocitiesToTemperature(state.temperature, self.seed)
+        for reporter in reporters:
+            self.simulation.reporters.append(reporter)
+        self.total_steps = 0
+        self.last_handover_seconds = 0.0
+        self.last_handover_method = ""
+        logger.info(
+            "Sampler for state %r: %d particles, platform %s, backend %s, integrator %s",
+            state.name,
+            state.n_particles,
+            self.platform_name,
+            self.backend,
+            integrator,
+        )
+
+    # -- force construction and hand-over ---------------------------------------------------------
+
+    def _create_simulation(self, platform_name: str, backend: str, platform_properties) -> None:
+        openmm = _openmm()
+        from openmm import app
+
+        state = self.state
+        self.platform_name = platform_name
+        self.backend = DEFAULT_BACKEND.get(platform_name, "tabulated") if backend == "auto" else backend
+        properties = dict(_DEFAULT_PROPERTIES.get(platform_name, {}))
+        properties.update(platform_properties or {})
+        self._scripted = None
+        self._signature = None
+        self._table_r_min: Optional[float] = None
+        system = openmm.System()
+        for m in state.particle_masses():
+            system.addParticle(float(m))
+        system.setDefaultPeriodicBoxVectors(*(openmm.Vec3(*row) for row in state.box_vectors))
+        self._force_index = system.addForce(self._build_force(self.table))
+        self.system = system
+        if self.integrator_name == "langevin":
+            self.integrator = openmm.LangevinMiddleIntegrator(state.temperature, self.friction, self.timestep)
+            self.integrator.setRandomNumberSeed(self.seed)
+        else:
+            self.integrator = openmm.NoseHooverIntegrator(state.temperature, self.friction, self.timestep)
+        self.simulation = app.Simulation(
+            state.topology(), system, self.integrator, openmm.Platform.getPlatformByName(platform_name), properties
+        )
+
+    def _overlap_distance(self, table: PairTable) -> float:
+        """Distance below which some pair energy exceeds 50 kT: a lattice start must not go below it."""
+        r = np.linspace(table.cutoff * 1e-3, table.cutoff, 4000)
+        limit = 50.0 * self.state.kT
+        worst = 0.0
+        for k in range(table.n_pair_types):
+            u, _ = table.evaluate(r, k)
+            above = np.nonzero(~np.isfinite(u) | (u > limit))[0]
+            if above.size:
+                worst = max(worst, float(r[min(above[-1] + 1, r.size - 1)]))
+        return worst if worst > 0 else None
+
+    def _build_force(self, table: PairTable):
+        if self.backend == "torch":
+            from .torchforce import _import_openmmtorch, script_energy_module
+
+            openmmtorch = _import_openmmtorch()
+            signature = _structure_signature(table)
+            if self._scripted is not None and signature == self._signature:
+                # Same structure: copy parameter values into the scripted module
+                # instead of scripting again (saves most of the hand-over).
+                self._scripted.table.load_state_dict(table.state_dict())
+            else:
+                self._scripted = script_energy_module(table, self._particle_species, skin=self.skin)
+                self._signature = signature
+            force = openmmtorch.TorchForce(self._scripted)
+            force.setOutputsForces(True)
+            force.setUsesPeriodicBoundaryConditions(True)
+            force.setName(_FORCE_NAME)
+            force.setProperty("useCUDAGraphs", "false")
+            return force
+        if self.backend == "tabulated":
+            if self._table_r_min is None:
+                self._table_r_min = _table_grid_start(table, DEFAULT_TABLE_ENERGY_CAP)
+            return create_tabulated_force(table, self._particle_species, self.table_points, r_min=self._table_r_min)
+        return create_native_lj_force(table, self._particle_species)
+
+    def update_potential(self, table: PairTable) -> None:
+        """Use new potential parameters from the next step on, keeping positions, velocities and box.
+
+        ``tabulated``: new spline values through ``updateParametersInContext``
+        (same grid; the Context is rebuilt only if the cutoff or species
+        change). ``torch``: a new ``TorchForce`` (openmm-torch freezes the
+        module) and ``Context.reinitialize(preserveState=True)``; the scripted
+        module is reused when only parameter values changed. ``native``:
+        per-particle LJ parameters through ``updateParametersInContext``.
+        Wall time goes to ``last_handover_seconds``.
+        """
+        if not isinstance(table, PairTable):
+            raise TypeError(f"table must be a PairTable, got {type(table).__name__}")
+        start = time.perf_counter()
+        table_species = _check_species(table, self.state)
+        _check_cutoff(table, np.diag(self.box), self.state.name)
+        same_layout = (
+            list(table.species) == list(self.table.species)
+            and table.cutoff == self.table.cutoff
+            and np.array_equal(table_species, self._table_species)
+        )
+        new_table = copy.deepcopy(table)
+        force = self.system.getForce(self._force_index)
+        updated_in_place = False
+        if same_layout and self.backend == "tabulated":
+            # The cutoff convention is baked into the values, so only the grid must match.
+            try:
+                _, values, slopes = _tabulate_pairs(new_table, self._table_r_min, self.table_points)
+            except ValueError:
+                values = None  # u(r) no longer finite on the old grid: rebuild with a new grid start
+            if values is not None:
+                for k in range(new_table.n_pair_types):
+                    force.getTabulatedFunction(k).setFunctionParameters(
+                        values[k].tolist(), self._table_r_min, new_table.cutoff
+                    )
+                    force.setGlobalParameterDefaultValue(k, slopes[k])
+                    self.context.setParameter(f"odiff_slope{k}", slopes[k])
+                force.updateParametersInContext(self.context)
+                updated_in_place = True
+        elif same_layout and self.backend == "native":
+            per_species = _lj_parameters(new_table)
+            switch_unchanged = new_table.cutoff_mode == self.table.cutoff_mode and (
+                new_table.switch_distance == self.table.switch_distance
+            )
+            if switch_unchanged:
+                for n, s in enumerate(self._particle_species):
+                    sigma, epsilon = per_species[int(s)]
+                    force.setParticleParameters(n, 0.0, sigma, epsilon)
+                force.updateParametersInContext(self.context)
+                updated_in_place = True
+        if not updated_in_place:
+            self._table_species = table_species
+            self._particle_species = table_species[self.state.particle_species()]
+            if self.backend == "tabulated":
+                self._table_r_min = None
+            self.system.removeForce(self._force_index)
+            self._force_index = self.system.addForce(self._build_force(new_table))
+            self.context.reinitialize(preserveState=True)
+        self.table = new_table
+        self.last_handover_method = "in place" if updated_in_place else "rebuild"
+        self.last_handover_seconds = time.perf_counter() - start
+        logger.debug("state %r: potential hand-over took %.4f s", self.state.name, self.last_handover_seconds)
+
+    # -- running --------------------------------------------------------------------------------------
+
+    def _fail(self, reason: str) -> SamplingError:
+        logger.error("state %r, step %d: %s", self.state.name, self.total_steps, reason)
+        return SamplingError(self.state.name, self.total_steps, reason)
+
+    def _step(self, steps: int) -> None:
+        try:
+            self.simulation.step(int(steps))
+        except Exception as exc:  # OpenMMException (NaN coordinates), TorchForce errors
+            self.total_steps += int(steps)
+            raise self._fail(f"OpenMM raised {type(exc).__name__}: {exc}") from exc
+        self.total_steps += int(steps)
+
+    def _checked_state(self, velocities: bool = True):
+        state = self.context.getState(getPositions=True, getVelocities=velocities, getEnergy=True)
+        energy = state.getPotentialEnergy()._value
+        kinetic = state.getKineticEnergy()._value
+        positions = np.asarray(state.getPositions(asNumpy=True)._value, dtype=np.float64)
+        if not math.isfinite(energy):
+            raise self._fail(f"potential energy is {energy}")
+        if not np.all(np.isfinite(positions)):
+            raise self._fail("positions contain NaN or infinite values")
+        n = self.state.n_particles
+        kinetic_temperature = 2.0 * kinetic / (3.0 * n * self.state.kT / self.state.temperature)
+        if not math.isfinite(kinetic) or kinetic_temperature > self.max_temperature_factor * self.state.temperature:
+            raise self._fail(
+                f"exploding: kinetic temperature {kinetic_temperature:.4g} K vs target {self.state.temperature:.4g} K "
+                f"(potential energy {energy:.6g} kJ/mol); try a smaller timestep or minimize first"
+            )
+        return state, energy, positions
+
+    def minimize(self, max_iterations: int = 1000, tolerance: float = 10.0) -> float:
+        """Local energy minimisation (L-BFGS); returns the final potential energy in kJ/mol.
+
+        ``tolerance`` is the RMS force criterion in kJ/mol/nm.
+        """
+        openmm = _openmm()
+        try:
+            openmm.LocalEnergyMinimizer.minimize(self.context, float(tolerance), int(max_iterations))
+        except Exception as exc:
+            raise self._fail(f"energy minimisation failed: {exc}") from exc
+        _, energy, _ = self._checked_state(velocities=False)
+        return energy
+
+    def equilibrate(self, steps: int) -> None:
+        """Run ``steps`` MD steps without collecting snapshots, checking every ``check_interval`` steps."""
+        steps = int(steps)
+        if steps < 0:
+            raise ValueError(f"steps must be non-negative, got {steps}")
+        while steps > 0:
+            chunk = min(steps, self.check_interval)
+            self._step(chunk)
+            self._checked_state(velocities=False)
+            steps -= chunk
+
+    def run(self, n_snapshots: int, interval: int) -> Snapshots:
+        """Production: ``n_snapshots`` frames, one every ``interval`` MD steps.
+
+        Returns
+        -------
+        Snapshots
+            Frames taken after steps ``interval, 2 interval, ...`` counted from now.
+
+        Raises
+        ------
+        SamplingError
+            On NaN or exploding energies, naming the state and step.
+        """
+        n_snapshots, interval = int(n_snapshots), int(interval)
+        if n_snapshots < 1 or interval < 1:
+            raise ValueError(f"n_snapshots and interval must be positive, got {n_snapshots}, {interval}")
+        n = self.state.n_particles
+        positions = np.empty((n_snapshots, n, 3))
+        velocities = np.empty((n_snapshots, n, 3))
+        boxes = np.empty((n_snapshots, 3, 3))
+        energies = np.empty(n_snapshots)
+        steps = np.empty(n_snapshots, dtype=np.int64)
+        for f in range(n_snapshots):
+            self._step(interval)
+            state, energy, pos = self._checked_state()
+            positions[f] = pos
+            velocities[f] = state.getVelocities(asNumpy=True)._value
+            boxes[f] = state.getPeriodicBoxVectors(asNumpy=True)._value
+            energies[f] = energy
+            steps[f] = self.total_steps
+        return Snapshots(positions, velocities, boxes, energies, steps, self.state)
+
+    # -- current state -----------------------------------------------------------------------------------
+
+    @property
+    def positions(self) -> np.ndarray:
+        """Current positions, (N, 3) float64 nm."""
+        state = self.context.getState(getPositions=True)
+        return np.array(state.getPositions(asNumpy=True)._value, dtype=np.float64)
+
+    @property
+    def velocities(self) -> np.ndarray:
+        """Current velocities, (N, 3) float64 nm/ps."""
+        state = self.context.getState(getVelocities=True)
+        return np.array(state.getVelocities(asNumpy=True)._value, dtype=np.float64)
+
+    @property
+    def box(self) -> np.ndarray:
+        """Current box vectors (rows), (3, 3) float64 nm."""
+        state = self.context.getState()
+        return np.array(state.getPeriodicBoxVectors(asNumpy=True)._value, dtype=np.float64)
+
+    def energy_and_forces(self) -> Tuple[float, np.ndarray]:
+        """Potential energy (kJ/mol) and forces ((N, 3) float64 kJ/mol/nm) of the current configuration."""
+        state = self.context.getState(getEnergy=True, getForces=True)
+        return float(state.getPotentialEnergy()._value), np.array(state.getForces(asNumpy=True)._value)
+
+    def set_state(self, positions, velocities=None, box=None) -> None:
+        """Replace the current configuration (nm), velocities (nm/ps) and box (nm)."""
+        openmm = _openmm()
+        if box is not None:
+            box = to_array(box, "box", "nanometer")
+            box = np.diag(box) if box.shape == (3,) else box
+            _check_cutoff(self.table, np.diag(box), self.state.name)
+            self.context.setPeriodicBoxVectors(*(openmm.Vec3(*row) for row in box))
+        positions = to_array(positions, "positions", "nanometer")
+        if positions.shape != (self.state.n_particles, 3) or not np.all(np.isfinite(positions)):
+            raise ValueError(f"positions must be finite with shape ({self.state.n_particles}, 3)")
+        self.context.setPositions(positions)
+        if velocities is not None:
+            self.context.setVelocities(to_array(velocities, "velocities"))
+
+    def __repr__(self) -> str:
+        return (
+            f"Sampler(state={self.state.name!r}, backend={self.backend!r}, platform={self.platform_name!r}, "
+            f"integrator={self.integrator_name!r}, steps={self.total_steps})"
+        )
+
+
+# -- reference data -----------------------------------------------------------------------------------------
+
+
+def reference_rdfs(
+    state: StatePoint,
+    potential: Union[PairTable, str] = "lj-native",
+    *,
+    backend: str = "auto",
+    platform: Optional[str] = None,
+    n_snapshots: int = 100,
+    interval: int = 50,
+    equilibration: int = 5000,
+    r_range: Optional[Tuple[float, float]] = None,
+    n_bins: int = 100,
+    smearing: Optional[float] = None,
+    seed: Optional[int] = None,
+    timestep=0.002,
+    sigma=0.34,
+    epsilon=0.996,
+    cutoff=1.0,
+):
+    """Simulate a known potential at ``state`` and return its partial RDFs.
+
+    For tests, examples and benchmarks: the reference structure a trained
+    potential should reproduce.
+
+    Parameters
+    ----------
+    state : StatePoint
+        State to simulate.
+    potential : PairTable or "lj-native"
+        A PairTable (run with ``backend``), or ``"lj-native"``: OpenMM's
+        ``NonbondedForce`` with one LJ (``sigma`` nm, ``epsilon`` kJ/mol,
+        truncated at ``cutoff`` nm) for every species pair.
+    backend, platform, timestep, seed
+        As for :class:`Sampler`.
+    n_snapshots, interval, equilibration : int
+        Production frames, MD steps between frames, MD steps before production
+        (after a minimisation).
+    r_range : (float, float), optional
+        RDF range in nm; default (0, half the shortest box edge).
+    n_bins : int
+        Number of RDF bins.
+    smearing : float, optional
+        Gaussian smearing width in nm passed to
+        :func:`openmm_diffsim.observables.compute_partial_rdfs`.
+
+    Returns
+    -------
+    r : numpy.ndarray, shape (n_bins,)
+        Bin centres in nm.
+    g : numpy.ndarray, shape (n_pair_types, n_bins)
+        Partial RDFs in pair-type order (0,0), (0,1), ... of ``state.species``.
+    snapshots : Snapshots
+        The production frames.
+    """
+    if isinstance(potential, str):
+        if potential != "lj-native":
+            raise ValueError(f"potential must be a PairTable or 'lj-native', got {potential!r}")
+        if len(state.species) == 1:
+            pots = LennardJones(sigma, epsilon)
+        else:
+            pots = {
+                (a, b): LennardJones(sigma, epsilon) for i, a in enumerate(state.species) for b in state.species[i:]
+            }
+        potential = PairTable(state.species, pots, cutoff=cutoff, cutoff_mode="truncate")
+        backend = "native"
+    sampler = Sampler(state, potential, backend=backend, platform=platform, timestep=timestep, seed=seed)
+    sampler.minimize()
+    sampler.equilibrate(equilibration)
+    snapshots = sampler.run(n_snapshots, interval)
+    if r_range is None:
+        r_range = (0.0, 0.5 * float(state.box_lengths.min()))
+    from .observables import compute_partial_rdfs
+
+    r, g = compute_partial_rdfs(
+        torch.as_tensor(snapshots.positions),
+        torch.as_tensor(snapshots.boxes),
+        torch.as_tensor(state.particle_species()),
+        state.n_species,
+        r_range,
+        n_bins,
+        smearing,
+    )
+    return np.asarray(torch.as_tensor(r).detach()), np.asarray(torch.as_tensor(g).detach()), snapshots

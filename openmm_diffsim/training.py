@@ -1,0 +1,748 @@
+"""The trainer: alternate OpenMM sampling and gradient estimation to fit a pair potential.
+
+One :class:`Trainer` fits one :class:`~openmm_diffsim.potentials.PairTable`
+to RDF targets at one or more state points (temperatures, densities,
+compositions), sharing the potential between them. Each epoch it
+
+1. samples every state point with OpenMM (only when the estimator needs new
+   snapshots: always for rollouts, when the effective sample size drops for
+   reweighting),
+2. asks the estimator for the state's loss and accumulates the gradient,
+3. checks the gradient, clips it and takes one optimiser step,
+4. logs, checkpoints (atomically) and plots.
+
+A step that makes sampling or the loss non-finite is rolled back, the learning
+rate is reduced and the event is logged; a run killed at any point resumes from
+its last checkpoint with :meth:`Trainer.resume`.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import math
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Sequence, Union
+
+import numpy as np
+import torch
+
+from .potentials import PairTable
+
+__all__ = ["Trainer", "TrainingError", "boltzmann_inversion", "fit_table_to_curve", "ESTIMATORS"]
+
+logger = logging.getLogger("openmm_diffsim.training")
+
+ESTIMATORS = ("reweighting", "rollout", "adjoint", "hybrid")
+CHECKPOINT_NAME = "checkpoint.pt"
+LOG_NAME = "log.jsonl"
+
+
+class TrainingError(RuntimeError):
+    """Training cannot continue (e.g. repeated blow-ups after rolling back)."""
+
+
+def _atomic_write_bytes(path: Path, data: bytes) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+
+
+def atomic_torch_save(obj: Any, path: Union[str, Path]) -> None:
+    """``torch.save`` to a temporary file, fsync, then rename over ``path``.
+
+    A run killed mid-write leaves the previous file intact.
+    """
+    import io
+
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    _atomic_write_bytes(Path(path), buffer.getvalue())
+
+
+def boltzmann_inversion(r: np.ndarray, g: np.ndarray, kT: float, g_min: float = 1e-3) -> tuple:
+    """u0(r) = -kT ln g(r) where g is resolved.
+
+    Parameters
+    ----------
+    r, g : numpy.ndarray, shape (n,)
+        Target RDF (nm, dimensionless).
+    kT : float
+        Thermal energy in kJ/mol.
+    g_min : float
+        Bins with g below this are dropped (u undefined there).
+
+    Returns
+    -------
+    r_valid, u : numpy.ndarray
+        Distances (nm) and potential of mean force (kJ/mol) on the kept bins.
+    """
+    r = np.asarray(r, dtype=np.float64)
+    g = np.asarray(g, dtype=np.float64)
+    keep = g > g_min
+    if keep.sum() < 4:
+        raise ValueError("Boltzmann inversion needs at least 4 bins with g(r) > g_min")
+    return r[keep], -kT * np.log(g[keep])
+
+
+def fit_table_to_curve(
+    table: PairTable,
+    pair,
+    r: np.ndarray,
+    u: np.ndarray,
+    weights: Optional[np.ndarray] = None,
+    iterations: int = 200,
+) -> float:
+    """Least-squares fit of one pair type's u(r) to a curve (in place, L-BFGS).
+
+    Only that pair type's parameters change. Returns the final RMS error (kJ/mol).
+    """
+    k = table.pair_index(pair)
+    module = table.pair_potentials[k]
+    params = [p for p in module.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError(f"pair {table.pair_names[k]} has no trainable parameters to fit")
+    r_t = torch.as_tensor(np.asarray(r, dtype=np.float64))
+    u_t = torch.as_tensor(np.asarray(u, dtype=np.float64))
+    w_t = torch.ones_like(u_t) if weights is None else torch.as_tensor(np.asarray(weights, dtype=np.float64))
+    pair_type = torch.full_like(r_t, k, dtype=torch.long)
+    optimizer = torch.optim.LBFGS(params, lr=0.5, max_iter=iterations, line_search_fn="strong_wolfe")
+
+    def closure():
+        optimizer.zero_grad()
+        model = table.energy_and_derivative(r_t, pair_type)[0]
+        loss = (w_t * (model - u_t) ** 2).sum() / w_t.sum()
+        loss.backward()
+        return loss
+
+    optimizer.step(closure)
+    with torch.no_grad():
+        model = table.energy_and_derivative(r_t, pair_type)[0]
+        return float(torch.sqrt(((model - u_t) ** 2).mean()))
+
+
+class Trainer:
+    """Fit a pair potential to RDF targets at several state points.
+
+    Parameters
+    ----------
+    table : PairTable
+        The potential to train (modified in place).
+    states : sequence of StatePoint
+        State points with their ``targets`` and loss ``weight``.
+    estimator : {"reweighting", "rollout", "adjoint", "hybrid"} or Estimator
+        Gradient estimator. ``hybrid`` uses a rollout gradient on fresh
+        snapshots and reweighting while they stay usable.
+    learning_rate : float
+        Initial learning rate.
+    optimizer : {"adam", "sgd"}
+        Optimiser.
+    max_epochs : int
+        Number of optimiser steps.
+    n_snapshots, snapshot_interval : int
+        Snapshots per sampling run and MD steps between them.
+    equilibration_steps : int
+        MD steps before the first sampling run of each state.
+    reequilibration_steps : int, optional
+        MD steps discarded after each parameter hand-over (default: two
+        snapshot intervals).
+    sampler_options : dict, optional
+        Passed to :class:`~openmm_diffsim.sampling.Sampler` (backend, platform,
+        timestep, friction, integrator, ...).
+    estimator_options : dict, optional
+        Passed to the estimator (r_range, n_bins, smearing, n_steps, ...).
+    clip_norm : float, optional
+        Clip the total gradient norm.
+    target_loss : float, optional
+        Stop when the total loss falls below this.
+    plateau_patience : int, optional
+        Stop when the best loss has not improved by 1 % for this many epochs.
+    lr_schedule : {"constant", "cosine"}
+        Learning-rate schedule over ``max_epochs``.
+    output_dir : str or Path, optional
+        Where checkpoints, the JSON-lines log and plots go. Nothing is written without it.
+    checkpoint_every, plot_every : int
+        Epoch intervals (0 disables plots except at the end).
+    seed : int
+        Seeds the samplers and estimators.
+    progress : bool
+        Print one line per epoch.
+    boltzmann_initial_guess : bool
+        Fit u0(r) = -kT ln g_target(r) into the potential before training.
+    max_retries : int
+        Consecutive rolled-back steps tolerated before giving up.
+    callbacks : sequence of callables
+        Called as ``callback(trainer, record)`` after every epoch.
+    """
+
+    def __init__(
+        self,
+        table: PairTable,
+        states: Sequence,
+        estimator: Union[str, Any] = "reweighting",
+        *,
+        learning_rate: float = 0.01,
+        optimizer: str = "adam",
+        max_epochs: int = 50,
+        n_snapshots: int = 50,
+        snapshot_interval: int = 50,
+        equilibration_steps: int = 1000,
+        reequilibration_steps: Optional[int] = None,
+        sampler_options: Optional[Dict[str, Any]] = None,
+        estimator_options: Optional[Dict[str, Any]] = None,
+        clip_norm: Optional[float] = None,
+        target_loss: Optional[float] = None,
+        plateau_patience: Optional[int] = None,
+        lr_schedule: str = "constant",
+        output_dir: Optional[Union[str, Path]] = None,
+        checkpoint_every: int = 1,
+        plot_every: int = 10,
+        seed: int = 0,
+        progress: bool = True,
+        boltzmann_initial_guess: bool = False,
+        max_retries: int = 5,
+        callbacks: Sequence[Callable] = (),
+    ):
+        from .systems import StatePoint
+
+        if not isinstance(table, PairTable):
+            raise TypeError(f"table must be a PairTable, got {type(table).__name__}")
+        states = list(states)
+        if not states:
+            raise ValueError("Trainer needs at least one state point")
+        names = [s.name for s in states]
+        if len(set(names)) != len(names):
+            raise ValueError(f"state point names must be unique, got {names}")
+        for s in states:
+            if not isinstance(s, StatePoint):
+                raise TypeError(f"states must be StatePoint objects, got {type(s).__name__}")
+            if not s.targets:
+                raise ValueError(f"state point {s.name!r} has no targets to fit")
+            for t in s.targets:
+                for species in t.pair:
+                    if species not in table.species:
+                        raise ValueError(
+                            f"state {s.name!r}: target pair {t.pair} names species {species!r}, "
+                            f"which the potential does not have (species: {table.species})"
+                        )
+        if isinstance(estimator, str) and estimator not in ESTIMATORS:
+            raise ValueError(f"estimator must be one of {ESTIMATORS} or an Estimator object, got {estimator!r}")
+        if optimizer not in ("adam", "sgd"):
+            raise ValueError(f"optimizer must be 'adam' or 'sgd', got {optimizer!r}")
+        if lr_schedule not in ("constant", "cosine"):
+            raise ValueError(f"lr_schedule must be 'constant' or 'cosine', got {lr_schedule!r}")
+        for name, value in (("learning_rate", learning_rate),):
+            if not (math.isfinite(value) and value > 0):
+                raise ValueError(f"{name} must be positive, got {value}")
+        for name, value in (("max_epochs", max_epochs), ("n_snapshots", n_snapshots), ("snapshot_interval", snapshot_interval)):
+            if int(value) < 1:
+                raise ValueError(f"{name} must be at least 1, got {value}")
+        if equilibration_steps < 0:
+            raise ValueError(f"equilibration_steps must be >= 0, got {equilibration_steps}")
+        if not list(p for p in table.parameters() if p.requires_grad):
+            raise ValueError("the potential has no trainable parameters")
+
+        self.table = table
+        self.states = states
+        self.estimator_name = estimator if isinstance(estimator, str) else type(estimator).__name__
+        self._custom_estimator = None if isinstance(estimator, str) else estimator
+        self.options: Dict[str, Any] = dict(
+            learning_rate=float(learning_rate),
+            optimizer=optimizer,
+            max_epochs=int(max_epochs),
+            n_snapshots=int(n_snapshots),
+            snapshot_interval=int(snapshot_interval),
+            equilibration_steps=int(equilibration_steps),
+            reequilibration_steps=(
+                2 * int(snapshot_interval) if reequilibration_steps is None else int(reequilibration_steps)
+            ),
+            sampler_options=dict(sampler_options or {}),
+            estimator_options=dict(estimator_options or {}),
+            clip_norm=clip_norm,
+            target_loss=target_loss,
+            plateau_patience=plateau_patience,
+            lr_schedule=lr_schedule,
+            checkpoint_every=int(checkpoint_every),
+            plot_every=int(plot_every),
+            seed=int(seed),
+            progress=bool(progress),
+            boltzmann_initial_guess=bool(boltzmann_initial_guess),
+            max_retries=int(max_retries),
+        )
+        self.output_dir = Path(output_dir) if output_dir is not None else None
+        self.callbacks = list(callbacks)
+        self.history: List[Dict[str, Any]] = []
+        self.epoch = 0
+        self.md_steps = 0
+        self.rollout_steps = 0
+        self.wall_time = 0.0
+        self.best_loss = math.inf
+        self.best_epoch = -1
+        self.best_state: Optional[Dict[str, torch.Tensor]] = None
+        self.learning_rate = float(learning_rate)
+        self.samplers: Dict[str, Any] = {}
+        self.snapshots: Dict[str, Any] = {}
+        self._sampler_states: Dict[str, Dict[str, Any]] = {}
+        self._initialised = False
+        self._build_estimators()
+        self.optimizer = self._make_optimizer()
+
+    # -- construction -------------------------------------------------------------------
+
+    def _trainable(self) -> List[torch.nn.Parameter]:
+        return [p for p in self.table.parameters() if p.requires_grad]
+
+    def _make_optimizer(self):
+        params = self._trainable()
+        if self.options["optimizer"] == "adam":
+            return torch.optim.Adam(params, lr=self.learning_rate)
+        return torch.optim.SGD(params, lr=self.learning_rate, momentum=0.9)
+
+    def _build_estimators(self) -> None:
+        from .gradients import ReweightingEstimator, RolloutEstimator
+
+        import inspect
+
+        opts = dict(self.options["estimator_options"])
+        accepted = {
+            cls: set(inspect.signature(cls.__init__).parameters) - {"self"}
+            for cls in (ReweightingEstimator, RolloutEstimator)
+        }
+        for key in opts:
+            if not any(key in names for names in accepted.values()):
+                known = sorted(set().union(*accepted.values()))
+                raise ValueError(f"unknown estimator option {key!r}; known options: {', '.join(known)}")
+        if isinstance(opts.get("dtype"), str):
+            opts["dtype"] = {"float32": torch.float32, "float64": torch.float64}[opts["dtype"]]
+        reweight_opts = {k: v for k, v in opts.items() if k in accepted[ReweightingEstimator]}
+        rollout_opts = {k: v for k, v in opts.items() if k in accepted[RolloutEstimator]}
+        rollout_opts.pop("adjoint", None)
+        rollout_opts.setdefault("seed", self.options["seed"])
+        self.reweighting = None
+        self.rollout = None
+        name = self.estimator_name
+        if self._custom_estimator is not None:
+            self.rollout = self._custom_estimator
+        if name in ("reweighting", "hybrid"):
+            self.reweighting = {s.name: ReweightingEstimator(**reweight_opts) for s in self.states}
+        if name in ("rollout", "adjoint", "hybrid"):
+            self.rollout = RolloutEstimator(adjoint=(name == "adjoint"), **rollout_opts)
+
+    # -- sampling -----------------------------------------------------------------------
+
+    def _sampler(self, state):
+        from .sampling import Sampler
+
+        sampler = self.samplers.get(state.name)
+        if sampler is not None:
+            return sampler
+        index = [s.name for s in self.states].index(state.name)
+        options = dict(self.options["sampler_options"])
+        saved = self._sampler_states.get(state.name)
+        sampler = Sampler(state, self.table, seed=self.options["seed"] + 1000 * index + self.epoch, **options)
+        if saved is not None:
+            sampler.set_state(saved["positions"], saved["velocities"], saved["box"])
+        else:
+            sampler.minimize()
+            sampler.equilibrate(self.options["equilibration_steps"])
+            self.md_steps += self.options["equilibration_steps"]
+        self.samplers[state.name] = sampler
+        return sampler
+
+    def _sample(self, state):
+        sampler = self._sampler(state)
+        before = sampler.total_steps
+        sampler.update_potential(self.table)
+        if self.options["reequilibration_steps"] > 0 and state.name in self.snapshots:
+            sampler.equilibrate(self.options["reequilibration_steps"])
+        snapshots = sampler.run(self.options["n_snapshots"], self.options["snapshot_interval"])
+        self.md_steps += sampler.total_steps - before
+        self.snapshots[state.name] = snapshots
+        self._sampler_states[state.name] = {
+            "positions": sampler.positions,
+            "velocities": sampler.velocities,
+            "box": sampler.box,
+        }
+        return snapshots
+
+    # -- one epoch ----------------------------------------------------------------------
+
+    def _state_gradient(self, state, fresh_needed: bool):
+        """Accumulate one state's gradient; returns (result, resampled)."""
+        name = self.estimator_name
+        resampled = False
+        if name in ("rollout", "adjoint") or self._custom_estimator is not None:
+            snapshots = self._sample(state)
+            result = self.rollout(self.table, state, snapshots, state.targets, loss_weight=state.weight)
+            return result, True
+        reweighting = self.reweighting[state.name]
+        if fresh_needed or state.name not in self.snapshots:
+            snapshots = self._sample(state)
+            reweighting.reset(self.table, snapshots)
+            resampled = True
+            if name == "hybrid":
+                result = self.rollout(self.table, state, snapshots, state.targets, loss_weight=state.weight)
+                return result, resampled
+        snapshots = self.snapshots[state.name]
+        result = reweighting(self.table, state, snapshots, state.targets, loss_weight=state.weight)
+        if result.diagnostics.get("needs_resample") and not resampled:
+            # Too few effective samples: discard this estimate and sample afresh.
+            for p in self._trainable():
+                p.grad = None if p.grad is None else p.grad.zero_()
+            return self._state_gradient(state, True)
+        return result, resampled
+
+    def _epoch(self) -> Dict[str, Any]:
+        from .gradients import NonFiniteError, clip_gradients
+
+        start = time.perf_counter()
+        steps_before = self.md_steps
+        self.optimizer.zero_grad(set_to_none=True)
+        total = 0.0
+        record: Dict[str, Any] = {
+            "epoch": self.epoch,
+            "state_losses": {},
+            "rdf_rmse": {},
+            "n_eff": {},
+            "resampled": {},
+            "events": [],
+        }
+        results = {}
+        for state in self.states:
+            result, resampled = self._state_gradient(state, fresh_needed=False)
+            if result.diagnostics.get("rejected"):
+                raise NonFiniteError(f"state {state.name!r}: {result.diagnostics.get('reason', 'rejected')}")
+            if not math.isfinite(result.loss):
+                raise NonFiniteError(f"state {state.name!r}: loss is not finite")
+            results[state.name] = result
+            total += result.loss
+            record["state_losses"][state.name] = result.loss
+            record["rdf_rmse"][state.name] = dict(result.rdf_rmse)
+            record["n_eff"][state.name] = result.diagnostics.get("n_eff_fraction")
+            record["resampled"][state.name] = resampled
+            # Torch rollout steps are counted apart from OpenMM MD steps.
+            self.rollout_steps += int(result.diagnostics.get("steps_run", 0) or 0)
+        for p in self._trainable():
+            if p.grad is not None and not bool(torch.isfinite(p.grad).all()):
+                raise NonFiniteError("non-finite gradient")
+        clip = self.options["clip_norm"]
+        grad_norm = clip_gradients(self._trainable(), clip) if clip else _grad_norm(self._trainable())
+        self.optimizer.step()
+        for p in self._trainable():
+            if not bool(torch.isfinite(p).all()):
+                raise NonFiniteError("optimiser step produced non-finite parameters")
+        record["loss"] = total
+        record["grad_norm"] = grad_norm
+        record["learning_rate"] = self.learning_rate
+        record["md_steps"] = self.md_steps
+        record["rollout_steps"] = self.rollout_steps
+        record["epoch_md_steps"] = self.md_steps - steps_before
+        record["epoch_seconds"] = time.perf_counter() - start
+        self._last_results = results
+        return record
+
+    # -- main loop ----------------------------------------------------------------------
+
+    def _initialise(self) -> None:
+        if self._initialised:
+            return
+        self._initialised = True
+        if self.options["boltzmann_initial_guess"] and self.epoch == 0:
+            self._apply_boltzmann_guess()
+        if self.output_dir is not None:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+
+    def _apply_boltzmann_guess(self) -> None:
+        for state in self.states:
+            for target in state.targets:
+                r, u = boltzmann_inversion(target.r, target.g, state.kT, g_min=0.05)
+                inside = r < self.table.cutoff
+                u = u[inside] - u[inside][-1]
+                rms = fit_table_to_curve(self.table, target.pair, r[inside], u)
+                logger.info("Boltzmann-inversion initial guess for %s: rms %.3g kJ/mol", "-".join(target.pair), rms)
+            break  # one state's guess is enough; the pair potential is shared
+
+    def _set_learning_rate(self) -> None:
+        base = self.learning_rate
+        if self.options["lr_schedule"] == "cosine":
+            frac = self.epoch / max(1, self.options["max_epochs"])
+            base = self.learning_rate * 0.5 * (1 + math.cos(math.pi * frac))
+            base = max(base, 0.05 * self.learning_rate)
+        for group in self.optimizer.param_groups:
+            group["lr"] = base
+
+    def _good_state(self) -> Dict[str, Any]:
+        return {
+            "table": copy.deepcopy(self.table.state_dict()),
+            "optimizer": copy.deepcopy(self.optimizer.state_dict()),
+            "sampler_states": copy.deepcopy(self._sampler_states),
+        }
+
+    def _roll_back(self, good: Dict[str, Any], reason: str) -> Dict[str, Any]:
+        self.table.load_state_dict(good["table"])
+        self.optimizer.load_state_dict(good["optimizer"])
+        self._sampler_states = copy.deepcopy(good["sampler_states"])
+        self.samplers.clear()  # rebuilt from the last good configurations
+        self.snapshots.clear()
+        old = self.learning_rate
+        self.learning_rate *= 0.5
+        event = {"epoch": self.epoch, "event": "rollback", "reason": reason, "learning_rate": [old, self.learning_rate]}
+        logger.warning("epoch %d rolled back (%s); learning rate %.3g -> %.3g", self.epoch, reason, old, self.learning_rate)
+        if self.options["progress"]:
+            print(f"  ! epoch {self.epoch}: {reason}; rolled back, learning rate {old:.3g} -> {self.learning_rate:.3g}")
+        return event
+
+    def fit(self) -> List[Dict[str, Any]]:
+        """Run training until ``max_epochs``, the target loss or a plateau.
+
+        Returns
+        -------
+        list of dict
+            The per-epoch history (also written to ``log.jsonl``).
+        """
+        from .gradients import NonFiniteError
+        from .sampling import SamplingError
+
+        self._initialise()
+        retries = 0
+        pending_events: List[Dict[str, Any]] = []
+        if self.options["progress"] and self.epoch == 0:
+            print(
+                f"openmm-diffsim: training {sum(p.numel() for p in self._trainable())} parameters on "
+                f"{len(self.states)} state point(s) with the {self.estimator_name} estimator"
+            )
+        while self.epoch < self.options["max_epochs"]:
+            self._set_learning_rate()
+            good = self._good_state()
+            start = time.perf_counter()
+            try:
+                record = self._epoch()
+            except (SamplingError, NonFiniteError, FloatingPointError) as exc:
+                retries += 1
+                self.wall_time += time.perf_counter() - start
+                pending_events.append(self._roll_back(good, str(exc)))
+                if retries > self.options["max_retries"]:
+                    self._write_log()
+                    raise TrainingError(
+                        f"training failed {retries} times in a row at epoch {self.epoch}; last error: {exc}"
+                    ) from exc
+                continue
+            retries = 0
+            self.wall_time += time.perf_counter() - start
+            record["wall_time"] = self.wall_time
+            record["events"] = pending_events
+            pending_events = []
+            self.history.append(record)
+            if record["loss"] < self.best_loss * 0.99:
+                self.best_epoch = self.epoch
+            if record["loss"] < self.best_loss:
+                self.best_loss = record["loss"]
+                self.best_state = copy.deepcopy(self.table.state_dict())
+            self.epoch += 1
+            self._report(record)
+            for callback in self.callbacks:
+                callback(self, record)
+            if self.output_dir is not None:
+                self._write_log()
+                if self.options["checkpoint_every"] and self.epoch % self.options["checkpoint_every"] == 0:
+                    self.save_checkpoint()
+                if self.options["plot_every"] and self.epoch % self.options["plot_every"] == 0:
+                    self.plot()
+            if self._should_stop(record):
+                break
+        if self.output_dir is not None:
+            self._write_log()
+            self.save_checkpoint()
+            self.plot()
+        return self.history
+
+    def _should_stop(self, record) -> bool:
+        target = self.options["target_loss"]
+        if target is not None and record["loss"] < target:
+            if self.options["progress"]:
+                print(f"  reached target loss {target:g}")
+            return True
+        patience = self.options["plateau_patience"]
+        if patience and self.epoch - 1 - self.best_epoch >= patience:
+            if self.options["progress"]:
+                print(f"  loss plateaued for {patience} epochs")
+            return True
+        return False
+
+    def _report(self, record) -> None:
+        if not self.options["progress"]:
+            return
+        parts = [f"epoch {record['epoch'] + 1:4d}/{self.options['max_epochs']}", f"loss {record['loss']:.3e}"]
+        for name, rmse in record["rdf_rmse"].items():
+            for pair, value in rmse.items():
+                parts.append(f"rmse[{name}:{pair}] {value:.4f}")
+        n_eff = [v for v in record["n_eff"].values() if v is not None]
+        if n_eff:
+            parts.append(f"N_eff {min(n_eff):.2f}")
+        rate = record["epoch_md_steps"] / record["epoch_seconds"] if record["epoch_seconds"] > 0 else 0.0
+        parts.append(f"{record['epoch_seconds']:.1f} s")
+        if record["epoch_md_steps"]:
+            parts.append(f"{rate:.0f} MD steps/s")
+        print("  ".join(parts), flush=True)
+
+    # -- persistence ---------------------------------------------------------------------
+
+    def _write_log(self) -> None:
+        if self.output_dir is None:
+            return
+        lines = "".join(json.dumps(_jsonable(r)) + "\n" for r in self.history)
+        _atomic_write_bytes(self.output_dir / LOG_NAME, lines.encode())
+
+    def checkpoint(self) -> Dict[str, Any]:
+        """Everything needed to resume, as a dict."""
+        return {
+            "format": "openmm-diffsim-checkpoint-1",
+            "table": self.table,
+            "states": self.states,
+            "estimator": self.estimator_name if self._custom_estimator is None else self._custom_estimator,
+            "options": self.options,
+            "optimizer": self.optimizer.state_dict(),
+            "epoch": self.epoch,
+            "md_steps": self.md_steps,
+            "rollout_steps": self.rollout_steps,
+            "wall_time": self.wall_time,
+            "history": self.history,
+            "learning_rate": self.learning_rate,
+            "best_loss": self.best_loss,
+            "best_epoch": self.best_epoch,
+            "best_state": self.best_state,
+            "sampler_states": self._sampler_states,
+            "torch_rng": torch.get_rng_state(),
+            "numpy_rng": np.random.get_state(),
+        }
+
+    def save_checkpoint(self, path: Optional[Union[str, Path]] = None) -> Path:
+        """Write the checkpoint atomically (default ``output_dir/checkpoint.pt``)."""
+        if path is None:
+            if self.output_dir is None:
+                raise ValueError("no output_dir given: pass a checkpoint path")
+            path = self.output_dir / CHECKPOINT_NAME
+        path = Path(path)
+        atomic_torch_save(self.checkpoint(), path)
+        return path
+
+    @classmethod
+    def resume(cls, output_dir: Union[str, Path], **overrides) -> "Trainer":
+        """Rebuild a trainer from ``output_dir/checkpoint.pt`` (or a checkpoint file).
+
+        ``overrides`` replace saved options (e.g. ``max_epochs`` to train longer).
+        """
+        path = Path(output_dir)
+        if path.is_dir():
+            path = path / CHECKPOINT_NAME
+        if not path.exists():
+            raise FileNotFoundError(f"no checkpoint at {path}")
+        try:
+            data = torch.load(path, weights_only=False)
+        except Exception as exc:  # noqa: BLE001 - any unpickling failure means a broken file
+            raise ValueError(f"checkpoint {path} could not be read: {exc}") from exc
+        if not isinstance(data, dict) or data.get("format") != "openmm-diffsim-checkpoint-1":
+            raise ValueError(f"{path} is not an openmm-diffsim checkpoint")
+        options = dict(data["options"])
+        unknown = set(overrides) - set(options)
+        if unknown:
+            raise ValueError(f"unknown option(s) to override: {sorted(unknown)}")
+        options.update(overrides)
+        learning_rate = options.pop("learning_rate")
+        trainer = cls(
+            data["table"],
+            data["states"],
+            data["estimator"],
+            learning_rate=learning_rate,
+            output_dir=path.parent,
+            **options,
+        )
+        trainer.optimizer.load_state_dict(data["optimizer"])
+        trainer.epoch = data["epoch"]
+        trainer.md_steps = data["md_steps"]
+        trainer.rollout_steps = data.get("rollout_steps", 0)
+        trainer.wall_time = data["wall_time"]
+        trainer.history = data["history"]
+        trainer.learning_rate = data["learning_rate"]
+        trainer.best_loss = data["best_loss"]
+        trainer.best_epoch = data["best_epoch"]
+        trainer.best_state = data["best_state"]
+        trainer._sampler_states = data["sampler_states"]
+        torch.set_rng_state(data["torch_rng"])
+        np.random.set_state(data["numpy_rng"])
+        trainer._initialised = False
+        return trainer
+
+    # -- outputs ---------------------------------------------------------------------------
+
+    def plot(self) -> List[Path]:
+        """Write RDF, potential and loss plots to ``output_dir/plots``; returns the paths."""
+        if self.output_dir is None or not self.history:
+            return []
+        from . import plotting
+
+        folder = self.output_dir / "plots"
+        folder.mkdir(parents=True, exist_ok=True)
+        written = []
+        results = getattr(self, "_last_results", {})
+        for state in self.states:
+            result = results.get(state.name)
+            if result is None or not len(result.r):
+                continue
+            target = {"-".join(t.pair): (np.asarray(t.r), np.asarray(t.g)) for t in state.targets}
+            written.append(
+                plotting.plot_rdfs(folder / f"rdf_{state.name}.png", result.r, result.rdfs, target, title=state.name)
+            )
+        written.append(
+            plotting.plot_potentials(
+                folder / "potential.png", self.table, r_min=_plot_r_min(self.table), r_max=self.table.cutoff,
+                kT=self.states[0].kT,
+            )
+        )
+        written.append(plotting.plot_loss(folder / "loss.png", self.history))
+        return written
+
+
+def _plot_r_min(table: PairTable) -> float:
+    r = np.linspace(0.01, table.cutoff, 2000)
+    highest = np.full_like(r, -np.inf)
+    for k in range(table.n_pair_types):
+        u, _ = table.evaluate(r, k)
+        highest = np.maximum(highest, np.where(np.isfinite(u), u, np.inf))
+    above = np.nonzero(highest > 20.0 * 2.494)[0]
+    return float(r[above[-1]]) if len(above) else 0.0
+
+
+def _grad_norm(params) -> float:
+    total = 0.0
+    for p in params:
+        if p.grad is not None:
+            total += float((p.grad.detach().double() ** 2).sum())
+    return math.sqrt(total)
+
+
+def _jsonable(obj):
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, (np.floating, np.integer)):
+        return obj.item()
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    if isinstance(obj, torch.Tensor):
+        return obj.tolist()
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return str(obj)
+    return obj
+
+
+def _stderr(message: str) -> None:
+    print(message, file=sys.stderr)

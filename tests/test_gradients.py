@@ -1,0 +1,325 @@
+"""Gradient estimators: reweighting, rollouts, adjoint (openmm_diffsim.gradients)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import openmm_diffsim as od
+from openmm_diffsim.gradients import (
+    EstimatorResult,
+    NonFiniteError,
+    ReweightingEstimator,
+    RolloutEstimator,
+    clip_gradients,
+)
+from openmm_diffsim.observables import compute_rdf, virial_pressure
+from openmm_diffsim.sampling import Sampler, Snapshots
+from openmm_diffsim.systems import StatePoint
+from openmm_diffsim.targets import Target
+
+SIGMA, EPSILON, MASS, TEMPERATURE = 0.34, 0.996, 39.948, 120.0
+GRID = dict(r_range=(0.0, 0.8), n_bins=40, smearing=0.02)
+
+
+def bin_centres(r_range=(0.0, 0.8), n_bins=40):
+    edges = np.linspace(r_range[0], r_range[1], n_bins + 1)
+    return 0.5 * (edges[1:] + edges[:-1])
+
+
+@pytest.fixture(scope="module")
+def lj_samples():
+    """Snapshots of a small LJ liquid from OpenMM (tabulated backend, CPU)."""
+    state = StatePoint("lj", ["Ar"], [108], [MASS], temperature=TEMPERATURE, density=0.8 / SIGMA**3, pressure=100.0)
+    table = od.PairTable(["Ar"], od.LennardJones(SIGMA, EPSILON), cutoff=0.8, cutoff_mode="shift")
+    sampler = Sampler(state, table, backend="tabulated", platform="CPU", seed=5)
+    sampler.equilibrate(500)
+    snapshots = sampler.run(16, 25)
+    return state, snapshots
+
+
+def lj_table(sigma=SIGMA, epsilon=EPSILON):
+    return od.PairTable(["Ar"], od.LennardJones(sigma, epsilon), cutoff=0.8, cutoff_mode="shift")
+
+
+def flat_target(value=1.0, pair=("Ar", "Ar")):
+    r = bin_centres()
+    return Target(r, np.where(r > SIGMA, value, 0.0), pair=pair)
+
+
+def set_parameters(table, **values):
+    with torch.no_grad():
+        for name, value in values.items():
+            getattr(table.pair_potentials[0], name).fill_(value)
+
+
+def test_reweighting_gradient_matches_finite_differences(lj_samples):
+    state, snapshots = lj_samples
+    table = lj_table()
+    estimator = ReweightingEstimator(**GRID, histogram_bin_width=0.0005)
+    estimator.reset(table, snapshots, state)
+    targets = [flat_target(1.1)]
+    # Move away from θ0 so the weights are not uniform.
+    set_parameters(table, sigma=SIGMA * 1.003, epsilon=EPSILON * 0.97)
+    result = estimator(table, state, snapshots, targets, loss_weight=2.0)
+    assert isinstance(result, EstimatorResult)
+    assert not result.diagnostics["rejected"]
+    assert 0.3 < result.diagnostics["n_eff_fraction"] < 1.0
+    grads = {name: float(getattr(table.pair_potentials[0], name).grad) for name in ("sigma", "epsilon")}
+
+    def loss_at(**values):
+        # Same table and snapshots objects: the estimator keeps θ0 and its precomputed data.
+        saved = {name: float(getattr(table.pair_potentials[0], name).detach()) for name in values}
+        set_parameters(table, **values)
+        loss = estimator(table, state, snapshots, targets, loss_weight=2.0).loss
+        set_parameters(table, **saved)
+        return loss
+
+    for name, step in (("sigma", 1e-6), ("epsilon", 1e-5)):
+        value = float(getattr(table.pair_potentials[0], name).detach())
+        fd = (loss_at(**{name: value + step}) - loss_at(**{name: value - step})) / (2 * step)
+        assert abs(fd) > 1e-8
+        assert grads[name] == pytest.approx(fd, rel=1e-5), name
+    # Gradients accumulate: each call adds its gradient to p.grad.
+    for p in table.parameters():
+        p.grad = None
+    estimator(table, state, snapshots, targets, loss_weight=2.0)
+    estimator(table, state, snapshots, targets, loss_weight=2.0)
+    assert float(table.pair_potentials[0].sigma.grad) == pytest.approx(2 * grads["sigma"], rel=1e-12)
+
+
+def test_histogram_energies_match_exact_energies(lj_samples):
+    state, snapshots = lj_samples
+    table = lj_table()
+    estimator = ReweightingEstimator(**GRID, energy_method="histogram")
+    estimator.reset(table, snapshots, state)
+    assert estimator.histogram_energy_error < 1e-6  # kT, at θ0
+    assert estimator.energy_mismatch < 0.5  # kJ/mol against OpenMM's tabulated force
+    exact_estimator = ReweightingEstimator(**GRID, energy_method="exact")
+    exact_estimator.reset(table, snapshots, state)
+    set_parameters(table, sigma=SIGMA * 1.01, epsilon=EPSILON * 1.1)
+    hist_energy, _ = estimator._histogram_energy_and_virial(table, False)
+    exact_energy = torch.stack(
+        [od.potential_energy(table, torch.as_tensor(x), torch.as_tensor(b), torch.zeros(108, dtype=torch.long))
+         for x, b in zip(snapshots.positions, snapshots.boxes)]
+    )
+    # |U_hist - U_exact| well below 1e-6 kT per snapshot at new parameters.
+    assert float((hist_energy - exact_energy).abs().max()) * state.beta < 1e-6
+    w_hist = estimator.weights(table, state)
+    w_exact = exact_estimator.weights(table, state)
+    torch.testing.assert_close(w_hist, w_exact, rtol=1e-6, atol=1e-12)
+
+
+def test_n_eff_and_resampling_flag(lj_samples):
+    state, snapshots = lj_samples
+    table = lj_table()
+    estimator = ReweightingEstimator(**GRID, n_eff_threshold=0.5)
+    result = estimator(table, state, snapshots, [flat_target()])
+    assert result.diagnostics["n_eff"] == pytest.approx(len(snapshots), rel=1e-10)
+    assert not result.diagnostics["needs_resample"]
+    set_parameters(table, epsilon=EPSILON * 2.0)  # far from θ0: a few snapshots dominate
+    result = estimator(table, state, snapshots, [flat_target()])
+    assert result.diagnostics["n_eff_fraction"] < 0.5
+    assert result.diagnostics["needs_resample"]
+    w = estimator.weights(table, state)
+    assert float(torch.exp(-(w * torch.log(w)).sum())) == pytest.approx(result.diagnostics["n_eff"], rel=1e-10)
+
+
+def test_reweighted_rdf_at_reference_is_the_plain_average(lj_samples):
+    state, snapshots = lj_samples
+    table = lj_table()
+    estimator = ReweightingEstimator(**GRID)
+    target = flat_target()
+    result = estimator(table, state, snapshots, [target])
+    _, g = compute_rdf(torch.as_tensor(snapshots.positions), torch.as_tensor(snapshots.boxes), **GRID)
+    np.testing.assert_allclose(result.rdfs["Ar-Ar"], g.numpy(), rtol=1e-10, atol=1e-12)
+    rmse = math.sqrt(float(np.mean((g.numpy() - target.g) ** 2)))
+    assert result.rdf_rmse["Ar-Ar"] == pytest.approx(rmse, rel=1e-10)
+    assert result.loss == pytest.approx(rmse**2, rel=1e-10)
+
+
+def test_pressure_term_matches_virial_pressure(lj_samples):
+    state, snapshots = lj_samples
+    table = lj_table()
+    estimator = ReweightingEstimator(**GRID, pressure_weight=1e-6)
+    result = estimator(table, state, snapshots, [flat_target()])
+    expected = virial_pressure(
+        table, torch.as_tensor(snapshots.positions), torch.as_tensor(snapshots.boxes), [0] * 108, temperature=TEMPERATURE
+    ).mean()
+    assert result.diagnostics["pressure"] == pytest.approx(float(expected), rel=1e-6)
+    # The pressure term changes the gradient.
+    plain = lj_table()
+    ReweightingEstimator(**GRID)(plain, state, snapshots, [flat_target()])
+    assert float(table.pair_potentials[0].epsilon.grad) != pytest.approx(float(plain.pair_potentials[0].epsilon.grad))
+
+
+def dilute_snapshots(n_samples=3000, radius=0.8, edge=2.0):
+    """Two particles, pair distance stratified so r^3 is uniform on [0, radius^3]."""
+    u = (np.arange(n_samples) + 0.5) / n_samples
+    r = radius * u ** (1.0 / 3.0)
+    rng = np.random.default_rng(0)
+    direction = rng.normal(size=(n_samples, 3))
+    direction /= np.linalg.norm(direction, axis=1, keepdims=True)
+    positions = np.zeros((n_samples, 2, 3))
+    positions[:, 0] = 0.5 * edge
+    positions[:, 1] = 0.5 * edge + r[:, None] * direction
+    state = StatePoint("dilute", ["Ar"], [2], [MASS], temperature=TEMPERATURE, box=[edge] * 3)
+    boxes = np.repeat(np.diag([edge] * 3)[None], n_samples, axis=0)
+    zeros = np.zeros(n_samples)
+    return state, Snapshots(positions, np.zeros_like(positions), boxes, zeros, zeros.astype(np.int64), state)
+
+
+def test_dilute_limit_matches_analytic_derivative_of_boltzmann_factor():
+    """One pair: g(r) = C exp(-βu(r)) / Z(θ), Z = <exp(-βu)> over the sampled sphere."""
+    from scipy.integrate import quad
+
+    radius, edge = 0.8, 2.0
+    state, snapshots = dilute_snapshots(radius=radius, edge=edge)
+    beta = state.beta
+    grid = dict(r_range=(0.0, 0.8), n_bins=80, smearing=0.002)
+    table = lj_table(epsilon=0.0)  # θ0: ideal gas, the snapshots are its Boltzmann samples
+    estimator = ReweightingEstimator(**grid, energy_method="histogram")
+    estimator.reset(table, snapshots, state)
+    set_parameters(table, epsilon=EPSILON)
+    r = bin_centres((0.0, 0.8), 80)
+    # Loss whose gradient is the sum of dg/dθ over the chosen bins: target = g - 1 there.
+    bins = (r > 0.40) & (r < 0.75)
+    weights = bins.astype(float)
+
+    def u(rr, sigma, epsilon):
+        lj = lambda x: 4 * epsilon * ((sigma / x) ** 12 - (sigma / x) ** 6)  # noqa: E731
+        return lj(rr) - lj(0.8)
+
+    def g_model(sigma, epsilon):
+        z = quad(lambda x: 3 * x * x / radius**3 * math.exp(-beta * u(x, sigma, epsilon)), 1e-3, radius, limit=200)[0]
+        volume_factor = edge**3 / (4.0 / 3.0 * math.pi * radius**3)
+        return volume_factor * np.exp(-beta * u(r, sigma, epsilon)) / z
+
+    analytic = {}
+    for name, step in (("sigma", 1e-6), ("epsilon", 1e-6)):
+        values = {"sigma": SIGMA, "epsilon": EPSILON}
+        up, down = dict(values), dict(values)
+        up[name] += step
+        down[name] -= step
+        analytic[name] = (g_model(**up) - g_model(**down)) / (2 * step)
+    g_ref = g_model(SIGMA, EPSILON)
+    result = estimator(table, state, snapshots, [Target(r, np.ones_like(r), pair=("Ar", "Ar"))], 0.0)
+    g_est = result.rdfs["Ar-Ar"]
+    np.testing.assert_allclose(g_est[bins], g_ref[bins], rtol=5e-3)
+    target = Target(r, g_est + 1.0, pair=("Ar", "Ar"), weights=weights)
+    for p in table.parameters():
+        p.grad = None
+    estimator(table, state, snapshots, [target])
+    scale = -2.0 / weights.sum()  # d/dθ of Σ w (g - g_target)^2 / Σ w with g_target = g + 1
+    for name in ("sigma", "epsilon"):
+        expected = scale * float(analytic[name][bins].sum())
+        got = float(getattr(table.pair_potentials[0], name).grad)
+        assert got == pytest.approx(expected, rel=1e-2), name
+
+
+def test_rollout_estimator_adjoint_equals_backprop_and_accumulates(lj_samples):
+    state, snapshots = lj_samples
+    targets = [flat_target(1.1)]
+    grads = {}
+    for adjoint in (False, True):
+        table = lj_table()
+        estimator = RolloutEstimator(n_steps=20, record_every=5, n_replicas=2, adjoint=adjoint, seed=1, **GRID)
+        result = estimator(table, state, snapshots, targets, loss_weight=1.0)
+        assert not result.diagnostics["rejected"], result.diagnostics["reason"]
+        assert result.diagnostics["steps_run"] == 20
+        assert result.diagnostics["grad_norm"] > 0
+        assert set(result.rdf_rmse) == {"Ar-Ar"}
+        grads[adjoint] = torch.stack([p.grad.clone() for p in table.parameters()])
+    rel = ((grads[True] - grads[False]).abs() / grads[False].abs()).max()
+    assert float(rel) < 1e-6
+
+
+def test_rollout_estimator_on_two_species():
+    state = StatePoint("mix", ["A", "B"], [40, 24], [MASS, 20.0], temperature=TEMPERATURE, box=[1.7] * 3)
+    table = od.PairTable(
+        ["A", "B"],
+        {
+            ("A", "A"): od.LennardJones(SIGMA, EPSILON),
+            ("A", "B"): od.LennardJones(0.3, 0.8),
+            ("B", "B"): od.SoftSphere(0.28, 1.0, 12.0),
+        },
+        cutoff=0.8,
+    )
+    positions = state.initial_positions("lattice", seed=0)[None].repeat(2, axis=0)
+    positions[1] += np.random.default_rng(1).normal(scale=0.005, size=positions[1].shape)
+    boxes = np.repeat(state.box_vectors[None], 2, axis=0)
+    zeros = np.zeros(2)
+    snapshots = Snapshots(positions, np.zeros_like(positions), boxes, zeros, zeros.astype(np.int64), state)
+    targets = [flat_target(pair=("A", "B")), flat_target(pair=("B", "B"))]
+    estimator = RolloutEstimator(n_steps=10, record_every=5, n_replicas=2, integrator="langevin", **GRID)
+    result = estimator(table, state, snapshots, targets)
+    assert not result.diagnostics["rejected"], result.diagnostics["reason"]
+    assert set(result.rdf_rmse) == {"A-B", "B-B"}
+    assert float(table.pair_potentials[2].exponent.grad.abs()) > 0
+
+
+def test_rollout_estimator_rejects_nonfinite_steps(lj_samples):
+    state, snapshots = lj_samples
+    table = lj_table(sigma=0.6)  # huge overlaps: forces overflow on the first step
+    set_parameters(table, epsilon=1e300)
+    estimator = RolloutEstimator(n_steps=5, record_every=5, n_replicas=1, **GRID)
+    result = estimator(table, state, snapshots, [flat_target()])
+    assert result.diagnostics["rejected"]
+    assert "non-finite" in result.diagnostics["reason"]
+    assert math.isnan(result.loss)
+    assert all(p.grad is None for p in table.parameters())
+    strict = RolloutEstimator(n_steps=5, record_every=5, n_replicas=1, on_nonfinite="raise", **GRID)
+    with pytest.raises(NonFiniteError):
+        strict(table, state, snapshots, [flat_target()])
+
+
+def test_reweighting_rejects_nonfinite_parameters(lj_samples):
+    state, snapshots = lj_samples
+    table = lj_table()
+    estimator = ReweightingEstimator(**GRID)
+    estimator.reset(table, snapshots, state)
+    set_parameters(table, epsilon=float("nan"))
+    result = estimator(table, state, snapshots, [flat_target()])
+    assert result.diagnostics["rejected"]
+    assert all(p.grad is None for p in table.parameters())
+    with pytest.raises(NonFiniteError):
+        ReweightingEstimator(**GRID, on_nonfinite="raise")(table, state, snapshots, [flat_target()])
+
+
+def test_clip_gradients():
+    a = torch.nn.Parameter(torch.tensor([3.0, 0.0], dtype=torch.float64))
+    b = torch.nn.Parameter(torch.tensor(4.0, dtype=torch.float64))
+    a.grad = torch.tensor([3.0, 0.0], dtype=torch.float64)
+    b.grad = torch.tensor(4.0, dtype=torch.float64)
+    assert clip_gradients([a, b], 1.0) == pytest.approx(5.0)
+    assert float(torch.sqrt((a.grad**2).sum() + b.grad**2)) == pytest.approx(1.0)
+    assert clip_gradients([a, b], 10.0) == pytest.approx(1.0)  # below the limit: unchanged
+    b.grad = torch.tensor(float("inf"), dtype=torch.float64)
+    with pytest.raises(NonFiniteError):
+        clip_gradients([a, b], 1.0)
+    with pytest.raises(ValueError):
+        clip_gradients([a], -1.0)
+
+
+def test_targets_off_grid_are_resampled_and_bad_targets_rejected(lj_samples):
+    state, snapshots = lj_samples
+    table = lj_table()
+    estimator = ReweightingEstimator(**GRID)
+    fine_r = np.linspace(0.0, 0.8, 161)
+    on_grid = estimator(table, state, snapshots, [flat_target()]).loss
+    off_grid = Target(fine_r, np.where(fine_r > SIGMA, 1.0, 0.0), pair=("Ar", "Ar"))
+    assert estimator(table, state, snapshots, [off_grid]).loss == pytest.approx(on_grid, rel=1e-12)
+    with pytest.raises(ValueError, match="unknown species"):
+        estimator(table, state, snapshots, [flat_target(pair=("Ar", "Xe"))])
+    with pytest.raises(ValueError, match="no targets"):
+        estimator(table, state, snapshots, [])
+    with pytest.raises(ValueError, match="pressure"):
+        ReweightingEstimator(**GRID, pressure_weight=1.0)(
+            table, StatePoint("np", ["Ar"], [108], [MASS], TEMPERATURE, box=snapshots.state.box), snapshots,
+            [flat_target()],
+        )
+    with pytest.raises(ValueError, match="record_every"):
+        RolloutEstimator(n_steps=5, record_every=10)

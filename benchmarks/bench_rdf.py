@@ -84,7 +84,10 @@ def main() -> None:
     parser.add_argument("--interval", type=int, default=20, help="MD steps between frames")
     parser.add_argument("--equilibration", type=int, default=1000)
     parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     start = time.perf_counter()
     xyz, box = lj_fluid_frames(args.particles, args.frames, args.interval, args.equilibration)
@@ -127,10 +130,16 @@ def main() -> None:
         (g * g).sum().backward()
         return leaf.grad
 
-    t_mdtraj = best_of(run_mdtraj, args.repeats)
-    t_hist = best_of(run_histogram, args.repeats)
-    t_forward = best_of(run_forward, args.repeats)
-    t_backward = best_of(run_backward, args.repeats)
+    timings = {}
+    for name, function in [
+        ("mdtraj", run_mdtraj),
+        ("histogram", run_histogram),
+        ("forward", run_forward),
+        ("backward", run_backward),
+    ]:
+        timings[name] = best_of(function, args.repeats)
+        print(f"  timed {name}: {timings[name]:.3f} s", flush=True)
+    t_mdtraj, t_hist, t_forward, t_backward = (timings[k] for k in ("mdtraj", "histogram", "forward", "backward"))
 
     g_mdtraj = run_mdtraj()[1]
     g_ours = run_histogram()[1].numpy()

@@ -28,13 +28,15 @@ gradient methods run the same segments, so they agree to round-off.
 
 Adjoint memory law
 ------------------
-The adjoint keeps the ``F`` recorded frames (positions, ``F·B·N·3`` numbers),
-the initial state, one state every ``checkpoint_every`` steps (none if
-``None``), and the autograd graph of a single segment and of a single
-frame's observable. Peak memory is therefore
-``O(B·N·(F + n_steps/checkpoint_every)) + O(one step)``, independent of the
-rollout length for fixed ``F`` and without checkpoints. Backprop keeps the
-graph of every step: ``O(n_steps · B · pairs)``.
+The adjoint keeps the ``F`` recorded frames with the graphs of their
+observables (for the RDF: the pair distances and indices within the RDF
+range, ``O(F·B·pairs)``), the initial state, one state every
+``checkpoint_every`` steps (none if ``None``), and the autograd graph of a
+single step. Peak memory is therefore
+``O(F·B·pairs + B·N·n_steps/checkpoint_every) + O(one step)``: independent
+of the number of steps for a fixed number of frames and without
+checkpoints, and growing only with the frames otherwise. Backprop keeps the
+graph of every step: ``O(n_steps·B·pairs)``.
 
 Backward states are rebuilt by running the integrator backward in time
 (every sub-step is inverted exactly: ``Φ_{-dt} = Φ_dt^{-1}``; for Langevin the
@@ -53,7 +55,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .neighbors import box_lengths, neighbor_pairs
+from .neighbors import box_lengths, neighbor_pairs, pair_displacements
 from .potentials import PairTable
 
 __all__ = [
@@ -139,7 +141,10 @@ class PairForces:
         self._reference: Optional[Tensor] = None
         self._pairs: Optional[Tuple[Tensor, Tensor]] = None
         self._replica_pairs: List[Tuple[Tensor, Tensor]] = []
-        self._batch_species: Optional[Tensor] = None
+        self._image_shift: Optional[Tensor] = None
+        self._pair_types: Optional[Tensor] = None
+        # Fixed periodic images are exact while listed pairs stay closer than half the box.
+        self._fixed_images = bool(table.cutoff + 2.0 * self.skin < 0.5 * float(self.lengths.min()))
 
     def _check_shape(self, positions: Tensor) -> None:
         if positions.dim() != 3 or positions.shape[1] != self.n_particles or positions.shape[2] != 3:
@@ -161,19 +166,27 @@ class PairForces:
                 per_replica.append((i, j))
                 found_i.append(i + b * self.n_particles)
                 found_j.append(j + b * self.n_particles)
-            self._pairs = (torch.cat(found_i), torch.cat(found_j))
+            i, j = torch.cat(found_i), torch.cat(found_j)
+            flat = x.reshape(-1, 3)
+            # Until the next rebuild no particle moves more than skin/2, so each
+            # listed pair keeps its periodic image as long as its separation stays
+            # below half the box: fix the image shift now, skip rounding per step.
+            self._image_shift = lengths * torch.round((flat[j] - flat[i]) / lengths)
+            self._pair_types = self.table.pair_types(
+                self.species[i % self.n_particles], self.species[j % self.n_particles]
+            )
+            self._pairs = (i, j)
             self._replica_pairs = per_replica
             self._reference = x.clone()
             self.builds += 1
         return self._pairs
 
-    def _species_for(self, n_replicas: int) -> Tensor:
-        if self._batch_species is None or self._batch_species.shape[0] != n_replicas * self.n_particles:
-            self._batch_species = self.species.repeat(n_replicas)
-        return self._batch_species
-
     def __call__(self, positions: Tensor) -> Tensor:
         """Forces (B, N, 3) in kJ/mol/nm, differentiable w.r.t. positions and parameters.
+
+        Uses ``table.energy_and_derivative`` (the package's one pair-energy
+        definition, cutoff applied) on the listed pairs; pairs of the skin
+        beyond the cutoff get zero force from it.
 
         Raises
         ------
@@ -181,11 +194,16 @@ class PairForces:
             If any force component is NaN or infinite.
         """
         i, j = self.pairs(positions)
-        n_replicas = positions.shape[0]
         flat = positions.reshape(-1, 3)
-        _, forces = self.table.energy_and_forces(
-            flat, self.lengths.to(positions.dtype), self._species_for(n_replicas), i, j, True
-        )
+        if self._fixed_images:
+            dr = flat[j] - flat[i] - self._image_shift
+        else:
+            dr = pair_displacements(flat, i, j, self.lengths.to(positions.dtype))
+        r = torch.sqrt((dr * dr).sum(1))
+        _, du = self.table.energy_and_derivative(r, self._pair_types)
+        # Force on j is -du/dr * dr/r, on i the opposite.
+        f_pair = (du / r).unsqueeze(1) * dr
+        forces = torch.zeros_like(flat).index_add(0, i, f_pair).index_add(0, j, -f_pair)
         self.evaluations += 1
         if not bool(torch.isfinite(forces.detach()).all()):
             raise NonFiniteError("non-finite forces in the rollout (particles overlapping or the potential diverged)")
@@ -247,7 +265,9 @@ class Integrator:
         """Thermostat variables at the start of a rollout (empty for NVE)."""
         return ()
 
-    def thermostat_half(self, v: Tensor, thermostat: Thermostat, masses: Tensor, dt: float) -> Tuple[Tensor, Thermostat]:
+    def thermostat_half(
+        self, v: Tensor, thermostat: Thermostat, masses: Tensor, dt: float
+    ) -> Tuple[Tensor, Thermostat]:
         """Thermostat propagation over ``dt / 2`` (``dt`` signed; ``-dt`` inverts ``dt``)."""
         return v, thermostat
 
@@ -324,7 +344,9 @@ class NoseHooverChain(Integrator):
         # (ξ_1..ξ_M, v_ξ1..v_ξM), each (B,)
         return tuple(zeros.clone() for _ in range(2 * self.chain_length))
 
-    def thermostat_half(self, v: Tensor, thermostat: Thermostat, masses: Tensor, dt: float) -> Tuple[Tensor, Thermostat]:
+    def thermostat_half(
+        self, v: Tensor, thermostat: Thermostat, masses: Tensor, dt: float
+    ) -> Tuple[Tensor, Thermostat]:
         m = self.chain_length
         n_dof, q = self._dof_and_masses(v.shape[1])
         xi = list(thermostat[:m])
@@ -463,7 +485,7 @@ class RolloutState:
     velocities: Tensor
     thermostat: Thermostat = ()
 
-    def detach(self) -> "RolloutState":
+    def detach(self) -> RolloutState:
         return RolloutState(
             self.positions.detach(), self.velocities.detach(), tuple(t.detach() for t in self.thermostat)
         )
@@ -672,12 +694,23 @@ def rollout_gradient(
     _check_counts(n_steps, record_every)
     parameters = list(parameters)
     if method == "backprop":
-        result = _backprop(forces, masses, integrator, positions, velocities, n_steps, record_every, observable, loss, parameters)
+        result = _backprop(
+            forces, masses, integrator, positions, velocities, n_steps, record_every, observable, loss, parameters
+        )
     elif method == "adjoint":
         if checkpoint_every is not None and (int(checkpoint_every) != checkpoint_every or checkpoint_every < 1):
             raise ValueError(f"checkpoint_every must be a positive integer or None, got {checkpoint_every}")
         result = _adjoint(
-            forces, masses, integrator, positions, velocities, n_steps, record_every, observable, loss, parameters,
+            forces,
+            masses,
+            integrator,
+            positions,
+            velocities,
+            n_steps,
+            record_every,
+            observable,
+            loss,
+            parameters,
             checkpoint_every,
         )
     else:
@@ -690,19 +723,11 @@ def rollout_gradient(
     return result
 
 
-def _frame_observable(observable: Callable[[Tensor], Tensor], frame: Tensor) -> Tensor:
-    # Recompute each frame's observable in the backward pass rather than keep
-    # its (pairs x window) intermediates for every frame.
-    if frame.requires_grad:
-        return torch.utils.checkpoint.checkpoint(observable, frame, use_reentrant=False)
-    return observable(frame)
-
-
 def _backprop(forces, masses, integrator, positions, velocities, n_steps, record_every, observable, loss, parameters):
     builds = forces.builds
     with torch.enable_grad():
         run = rollout(forces, masses, integrator, positions.detach(), velocities.detach(), n_steps, record_every)
-        mean = torch.stack([_frame_observable(observable, frame) for frame in run.frames]).mean(0)
+        mean = torch.stack([observable(frame) for frame in run.frames]).mean(0)
         value = loss(mean)
         if not bool(torch.isfinite(value.detach())):
             raise NonFiniteError(f"the rollout loss is not finite ({float(value)})")
@@ -722,7 +747,16 @@ def _backprop(forces, masses, integrator, positions, velocities, n_steps, record
 
 
 def _adjoint(
-    forces, masses, integrator, positions, velocities, n_steps, record_every, observable, loss, parameters,
+    forces,
+    masses,
+    integrator,
+    positions,
+    velocities,
+    n_steps,
+    record_every,
+    observable,
+    loss,
+    parameters,
     checkpoint_every,
 ):
     evaluations, builds = forces.evaluations, forces.builds
@@ -731,25 +765,26 @@ def _adjoint(
         engine, x, v, th = _prepare(forces, masses, integrator, positions.detach(), velocities.detach(), None)
         start = RolloutState(x, v, th)
         checkpoints: Dict[int, RolloutState] = {}
-        frames: Dict[int, Tensor] = {}
-        values = []
+        # Per recorded frame: (positions leaf, observable with its graph to the leaf).
+        frames: Dict[int, Tuple[Tensor, Tensor]] = {}
         for step in range(int(n_steps)):
             if checkpoint_every is not None and step > 0 and step % checkpoint_every == 0:
                 checkpoints[step] = RolloutState(x, v, th)
             f = _forces_at(forces, x, step)
             x, v, th = engine.segment(x, v, th, f, step)
             if (step + 1) % record_every == 0:
-                frames[step + 1] = x
-                values.append(observable(x))
+                with torch.enable_grad():
+                    leaf = x.detach().requires_grad_(True)
+                    frames[step + 1] = (leaf, observable(leaf))
         if not bool(torch.isfinite(x).all()) or not bool(torch.isfinite(v).all()):
             raise NonFiniteError(f"the rollout became non-finite by step {n_steps}")
     with torch.enable_grad():
-        mean = torch.stack(values).mean(0).requires_grad_(True)
+        mean = torch.stack([obs.detach() for _, obs in frames.values()]).mean(0).requires_grad_(True)
         value = loss(mean)
         (cotangent,) = torch.autograd.grad(value, mean)
     if not bool(torch.isfinite(value.detach())):
         raise NonFiniteError(f"the rollout loss is not finite ({float(value)})")
-    cotangent = cotangent / len(values)
+    cotangent = cotangent / len(frames)
 
     grads: List[Optional[Tensor]] = [None] * len(wanted)
     a_x = torch.zeros_like(x)
@@ -759,9 +794,8 @@ def _adjoint(
     for step in reversed(range(int(n_steps))):
         # (x, v, th) is the output of segment `step`; add the frame's direct contribution.
         if (step + 1) in frames:
-            with torch.enable_grad():
-                leaf = frames[step + 1].detach().requires_grad_(True)
-                (frame_grad,) = torch.autograd.grad(observable(leaf), leaf, cotangent)
+            leaf, obs = frames.pop(step + 1)  # frees the frame's graph once used
+            (frame_grad,) = torch.autograd.grad(obs, leaf, cotangent)
             a_x = a_x + frame_grad
         with torch.no_grad():
             x_prev, v_mid = integrator.undrift(x, v, engine.masses, step)

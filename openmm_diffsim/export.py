@@ -32,8 +32,14 @@ import numpy as np
 import torch
 
 from .potentials import PairTable
-from .torchforce import _import_openmm, _import_openmmtorch, create_system, script_energy_module, species_indices
-from .units import to_array
+from .torchforce import (
+    _import_openmm,
+    _import_openmmtorch,
+    create_base_system,
+    create_system,
+    script_energy_module,
+    species_indices,
+)
 
 __all__ = [
     "save_torchscript",
@@ -380,27 +386,7 @@ def tabulated_force(
 
 
 def _base_system(n: int, masses, box, cutoff: float):
-    openmm = _import_openmm()
-    masses_arr = np.broadcast_to(to_array(masses, "masses", "dalton"), (n,))
-    if not np.all(np.isfinite(masses_arr)) or np.any(masses_arr <= 0):
-        raise ValueError("masses must be positive and finite")
-    box_arr = to_array(box, "box", "nanometer")
-    if box_arr.shape == (3,):
-        box_arr = np.diag(box_arr)
-    if box_arr.shape != (3, 3):
-        raise ValueError(f"box must have shape (3,) or (3, 3), got {box_arr.shape}")
-    lengths = np.diag(box_arr)
-    if np.any(np.abs(box_arr - np.diag(lengths)) > 0):
-        raise ValueError("triclinic boxes are not supported yet: the box vectors must be diagonal")
-    if np.any(lengths <= 0) or not np.all(np.isfinite(lengths)):
-        raise ValueError("box edge lengths must be positive and finite")
-    if 2 * cutoff > lengths.min():
-        raise ValueError(f"cutoff {cutoff} nm is larger than half the shortest box edge {lengths.min()} nm")
-    system = openmm.System()
-    for m in masses_arr:
-        system.addParticle(float(m))
-    system.setDefaultPeriodicBoxVectors(*(openmm.Vec3(*row) for row in box_arr))
-    return system
+    return create_base_system(n, masses, box, cutoff)
 
 
 def tabulated_system(table: PairTable, species, masses, box, **force_options):

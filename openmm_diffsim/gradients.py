@@ -322,7 +322,9 @@ class ReweightingEstimator:
             boxes = boxes.unsqueeze(0).expand(n_frames, *boxes.shape)
         lengths = torch.stack([box_lengths(b) for b in boxes])
         if bool((lengths < 2.0 * table.cutoff).any()):
-            raise ValueError(f"cutoff {table.cutoff} nm exceeds half the shortest box edge {float(lengths.min()) / 2} nm")
+            raise ValueError(
+                f"cutoff {table.cutoff} nm exceeds half the shortest box edge {float(lengths.min()) / 2} nm"
+            )
         species = torch.as_tensor(_particle_species(table, state))
         if species.shape[0] != n_particles:
             raise ValueError(f"state {state.name!r} has {species.shape[0]} particles but snapshots have {n_particles}")
@@ -479,7 +481,9 @@ class ReweightingEstimator:
         if pressure is not None:
             diagnostics["pressure"] = float(pressure.detach())
         if not bool(torch.isfinite(loss.detach())) or not bool(torch.isfinite(w).all()):
-            return self._reject("non-finite reweighting weights or loss (energies diverged at the new parameters)", diagnostics)
+            return self._reject(
+                "non-finite reweighting weights or loss (energies diverged at the new parameters)", diagnostics
+            )
         grads = torch.autograd.grad(loss, parameters, allow_unused=True) if parameters else []
         try:
             diagnostics["grad_norm"] = _accumulate(parameters, grads)

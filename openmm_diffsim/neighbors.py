@@ -27,7 +27,6 @@ __all__ = [
 ]
 
 
-
 def box_lengths(box: Tensor) -> Tensor:
     """Edge lengths of a rectangular periodic box.
 

@@ -293,8 +293,9 @@ def _frame_distances(positions: Tensor, lengths: Tensor, reach: float):
 
 
 def _search_reach(r_max: float, smearing: float, lengths: Tensor) -> float:
-    # Smeared pairs just beyond r_max still put weight into the last bins.
-    reach = r_max + _KERNEL_HALF_WIDTH * smearing
+    # Smeared pairs just beyond r_max still put weight into the last bins; the
+    # plain histogram's last bin is closed (d == r_max counts), the search is not.
+    reach = r_max + _KERNEL_HALF_WIDTH * smearing + 1e-12 * max(r_max, 1.0)
     # Minimum image defines at most sqrt(3) L / 2; no need to search further.
     return min(reach, 0.5 * math.sqrt(3.0) * float(lengths.max()) * (1.0 + 1e-9))
 

@@ -53,6 +53,11 @@ def _parameter(value: float) -> nn.Parameter:
     return nn.Parameter(torch.tensor(value, dtype=torch.float64))
 
 
+def _value(tensor: Tensor) -> float:
+    """A parameter's current value as a Python float (no autograd warning)."""
+    return float(tensor.detach())
+
+
 def _as_float(value, name: str) -> float:
     """Strip an ``openmm.unit`` quantity into OpenMM's default units (nm, kJ/mol)."""
     if hasattr(value, "value_in_unit_system"):
@@ -111,7 +116,7 @@ class LennardJones(PairPotential):
         return u, du
 
     def openmm_expression(self) -> str:
-        return f"4*{float(self.epsilon)!r}*(({float(self.sigma)!r}/r)^12-({float(self.sigma)!r}/r)^6)"
+        return f"4*{_value(self.epsilon)!r}*(({_value(self.sigma)!r}/r)^12-({_value(self.sigma)!r}/r)^6)"
 
 
 class WCA(PairPotential):
@@ -140,7 +145,7 @@ class WCA(PairPotential):
         return u, du
 
     def openmm_expression(self) -> str:
-        s, e = float(self.sigma), float(self.epsilon)
+        s, e = _value(self.sigma), _value(self.epsilon)
         return f"step({s * 2.0 ** (1.0 / 6.0)!r}-r)*(4*{e!r}*(({s!r}/r)^12-({s!r}/r)^6)+{e!r})"
 
 
@@ -168,7 +173,7 @@ class SoftSphere(PairPotential):
         return u, -self.exponent * u / r
 
     def openmm_expression(self) -> str:
-        return f"{float(self.epsilon)!r}*({float(self.sigma)!r}/r)^{float(self.exponent)!r}"
+        return f"{_value(self.epsilon)!r}*({_value(self.sigma)!r}/r)^{_value(self.exponent)!r}"
 
 
 class Yukawa(PairPotential):
@@ -192,7 +197,7 @@ class Yukawa(PairPotential):
         return u, -u * (self.kappa + 1.0 / r)
 
     def openmm_expression(self) -> str:
-        return f"{float(self.amplitude)!r}*exp(-{float(self.kappa)!r}*r)/r"
+        return f"{_value(self.amplitude)!r}*exp(-{_value(self.kappa)!r}*r)/r"
 
 
 class ModifiedMorse(PairPotential):
@@ -247,8 +252,8 @@ class ModifiedMorse(PairPotential):
         return u, du
 
     def openmm_expression(self) -> str:
-        a, phi, s, e = float(self.a), float(self.phi), float(self.sigma), float(self.epsilon)
-        offset = float(self._offset())
+        a, phi, s, e = _value(self.a), _value(self.phi), _value(self.sigma), _value(self.epsilon)
+        offset = _value(self._offset())
         t = f"(-{a!r}*log(r/{s!r}))" if abs(phi) < 1e-8 else f"({a!r}*(1-(r/{s!r})^{phi!r})/{phi!r})"
         return f"{e!r}*(exp(2*{t})-2*exp({t})-{offset!r})/(1+{offset!r})"
 
@@ -382,7 +387,9 @@ class NeuralCorrection(PairPotential):
             layer = nn.Linear(fan_in, fan_out, dtype=torch.float64)
             bound = 1.0 / math.sqrt(fan_in)
             with torch.no_grad():
-                layer.weight.copy_((torch.rand(fan_out, fan_in, generator=generator, dtype=torch.float64) * 2 - 1) * bound)
+                layer.weight.copy_(
+                    (torch.rand(fan_out, fan_in, generator=generator, dtype=torch.float64) * 2 - 1) * bound
+                )
                 layer.bias.copy_((torch.rand(fan_out, generator=generator, dtype=torch.float64) * 2 - 1) * bound)
             layers.append(layer)
         # Small last layer: training starts close to the prior.
@@ -636,7 +643,6 @@ class PairTable(nn.Module):
         forces = forces.index_add(0, pi, f_pair).index_add(0, pj, -f_pair)
         return energy, forces
 
-
     # -- convenience (Python only) --------------------------------------------------
 
     @torch.jit.unused
@@ -673,7 +679,7 @@ class PairTable(nn.Module):
         return u.numpy(), du.numpy()
 
     @torch.jit.unused
-    def tabulated(self, r_min: float = 0.05, n_points: int = 2000) -> "PairTable":
+    def tabulated(self, r_min: float = 0.05, n_points: int = 2000) -> PairTable:
         """A copy with every pair potential replaced by a fine cubic spline.
 
         Keeps the cutoff convention, so the spline reproduces the raw u(r)
@@ -682,7 +688,10 @@ class PairTable(nn.Module):
         """
         return PairTable(
             self.species,
-            {key: tabulate(pot, r_min, self.cutoff, n_points) for key, pot in zip(self.pair_keys(), self.pair_potentials)},
+            {
+                key: tabulate(pot, r_min, self.cutoff, n_points)
+                for key, pot in zip(self.pair_keys(), self.pair_potentials)
+            },
             cutoff=self.cutoff,
             cutoff_mode=self.cutoff_mode,
             switch_distance=self.switch_distance if self.cutoff_mode == "switch" else None,
@@ -703,7 +712,13 @@ def tabulate(potential: PairPotential, r_min: float, r_max: float, n_points: int
     """
     if not 0 < r_min < r_max:
         raise ValueError(f"need 0 < r_min < r_max, got {r_min}, {r_max}")
-    grid = torch.linspace(r_min, r_max, int(n_points), dtype=torch.float64)
+    n_points = int(n_points)
+    if n_points < 4:
+        raise ValueError(f"n_points must be at least 4, got {n_points}")
+    # A natural spline has u'' = 0 at its ends; a few knots past r_max keep that
+    # artefact out of [r_min, r_max] (the raw potential is defined beyond the cutoff).
+    spacing = (r_max - r_min) / (n_points - 1)
+    grid = torch.linspace(r_min, r_max + 16 * spacing, n_points + 16, dtype=torch.float64)
     with torch.no_grad():
         values = potential(grid)
     if not bool(torch.isfinite(values).all()):

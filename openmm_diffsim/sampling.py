@@ -67,13 +67,14 @@ BACKENDS = ("torch", "tabulated", "native")
 #: Backend that ``backend="auto"`` uses on each platform.
 #:
 #: CPU/Reference: measured with ``benchmarks/bench_sampling.py`` (2-core CPU,
-#: LJ at ρ* = 0.8, cutoff 1 nm): the tabulated CustomNonbondedForce runs
-#: ~1.6-2x faster than TorchForce (N = 4000: 90 vs 50 steps/s; see
-#: docs/sampling.md), its hand-over is sub-millisecond against ~0.1 s for
-#: TorchForce, and its energies match TorchForce to ~1e-7 relative. CUDA/OpenCL:
-#: not measured here; OpenMM's custom nonbonded kernel is its own optimised
-#: GPU pair loop, so the same choice is made until a GPU measurement says
-#: otherwise. Change this dict (or pass ``backend=``) to override.
+#: LJ at rho* = 0.8, cutoff 1 nm, see docs/sampling.md): the tabulated
+#: CustomNonbondedForce runs 1.3-4x faster than TorchForce for LJ (lead, N = 4000:
+#: 90 vs 50 steps/s) and ~100x faster for a neural potential, its hand-over
+#: takes ~2 ms against ~40-80 ms, and it matches TorchForce to ~5e-8 in energy
+#: and ~5e-5 rms in force. CUDA/OpenCL: not measured here; OpenMM's custom
+#: nonbonded kernel is its own optimised GPU pair loop, so the same choice is
+#: made until a GPU measurement says otherwise. Change this dict (or pass
+#: ``backend=``) to override.
 DEFAULT_BACKEND: Dict[str, str] = {
     "CUDA": "tabulated",
     "OpenCL": "tabulated",

@@ -6,9 +6,6 @@ the package (potentials, RDFs, rollouts) work without them.
 
 from __future__ import annotations
 
-import io
-import os
-import tempfile
 from typing import Optional, Sequence, Union
 
 import numpy as np
@@ -17,7 +14,7 @@ import torch
 from .energy import PairEnergy
 from .potentials import PairTable
 
-__all__ = ["script_energy_module", "create_torch_force", "create_system", "species_indices"]
+__all__ = ["script_energy_module", "create_torch_force", "create_system", "create_base_system", "species_indices"]
 
 
 def _import_openmm():
@@ -159,11 +156,32 @@ def create_system(
     skin : float
         Verlet skin in nm.
     """
+    system = create_base_system(len(species), masses, box, table.cutoff)
+    system.addForce(create_torch_force(table, species, skin=skin))
+    return system
+
+
+def create_base_system(n_particles: int, masses, box, cutoff: float):
+    """An OpenMM ``System`` with particles and a periodic box, and no forces yet.
+
+    Parameters
+    ----------
+    n_particles : int
+        Number of particles.
+    masses : float, sequence of float, or Quantity
+        Masses in amu (one for all particles, or one each).
+    box : array_like (3,) or (3, 3), or Quantity
+        Rectangular box (edge lengths or vectors) in nm.
+    cutoff : float
+        Interaction cutoff in nm, checked against half the shortest box edge.
+    """
     openmm = _import_openmm()
     from .units import to_array
 
-    n = len(species)
-    masses_arr = np.broadcast_to(to_array(masses, "masses", "dalton"), (n,))
+    masses_arr = to_array(masses, "masses", "dalton")
+    if masses_arr.ndim > 1 or (masses_arr.ndim == 1 and masses_arr.size not in (1, n_particles)):
+        raise ValueError(f"masses must be one value or one per particle ({n_particles}), got shape {masses_arr.shape}")
+    masses_arr = np.broadcast_to(masses_arr.reshape(-1) if masses_arr.ndim else masses_arr, (n_particles,))
     if not np.all(np.isfinite(masses_arr)) or np.any(masses_arr <= 0):
         raise ValueError("masses must be positive and finite")
     box_arr = to_array(box, "box", "nanometer")
@@ -176,11 +194,10 @@ def create_system(
         raise ValueError("triclinic boxes are not supported yet: the box vectors must be diagonal")
     if np.any(lengths <= 0) or not np.all(np.isfinite(lengths)):
         raise ValueError("box edge lengths must be positive and finite")
-    if 2 * table.cutoff > lengths.min():
-        raise ValueError(f"cutoff {table.cutoff} nm is larger than half the shortest box edge {lengths.min()} nm")
+    if 2 * cutoff > lengths.min():
+        raise ValueError(f"cutoff {cutoff} nm is larger than half the shortest box edge {lengths.min()} nm")
     system = openmm.System()
     for m in masses_arr:
         system.addParticle(float(m))
     system.setDefaultPeriodicBoxVectors(*(openmm.Vec3(*row) for row in box_arr))
-    system.addForce(create_torch_force(table, species, skin=skin))
     return system

@@ -166,6 +166,10 @@ class Trainer:
         Stop when the best loss has not improved by 1 % for this many epochs.
     lr_schedule : {"constant", "cosine"}
         Learning-rate schedule over ``max_epochs``.
+    learning_rate_scales : dict, optional
+        Multipliers of the learning rate for parameters whose name (as in
+        ``table.named_parameters()``) equals or ends with the key, e.g.
+        ``{"sigma": 0.02}`` when σ (nm) trains next to energies (kJ/mol).
     output_dir : str or Path, optional
         Where checkpoints, the JSON-lines log and plots go. Nothing is written without it.
     checkpoint_every, plot_every : int
@@ -201,6 +205,7 @@ class Trainer:
         target_loss: Optional[float] = None,
         plateau_patience: Optional[int] = None,
         lr_schedule: str = "constant",
+        learning_rate_scales: Optional[Dict[str, float]] = None,
         output_dir: Optional[Union[str, Path]] = None,
         checkpoint_every: int = 1,
         plot_every: int = 10,
@@ -241,7 +246,11 @@ class Trainer:
         for name, value in (("learning_rate", learning_rate),):
             if not (math.isfinite(value) and value > 0):
                 raise ValueError(f"{name} must be positive, got {value}")
-        for name, value in (("max_epochs", max_epochs), ("n_snapshots", n_snapshots), ("snapshot_interval", snapshot_interval)):
+        for name, value in (
+            ("max_epochs", max_epochs),
+            ("n_snapshots", n_snapshots),
+            ("snapshot_interval", snapshot_interval),
+        ):
             if int(value) < 1:
                 raise ValueError(f"{name} must be at least 1, got {value}")
         if equilibration_steps < 0:
@@ -269,6 +278,7 @@ class Trainer:
             target_loss=target_loss,
             plateau_patience=plateau_patience,
             lr_schedule=lr_schedule,
+            learning_rate_scales={str(k): float(v) for k, v in (learning_rate_scales or {}).items()},
             checkpoint_every=int(checkpoint_every),
             plot_every=int(plot_every),
             seed=int(seed),
@@ -299,16 +309,39 @@ class Trainer:
     def _trainable(self) -> List[torch.nn.Parameter]:
         return [p for p in self.table.parameters() if p.requires_grad]
 
+    def _param_groups(self) -> List[Dict[str, Any]]:
+        """One optimiser group per learning-rate scale (parameters in different units)."""
+        scales = self.options["learning_rate_scales"]
+        groups: Dict[float, List[torch.nn.Parameter]] = {}
+        matched = set()
+        for name, p in self.table.named_parameters():
+            if not p.requires_grad:
+                continue
+            scale = 1.0
+            for pattern, value in scales.items():
+                if name == pattern or name.endswith("." + pattern):
+                    scale = float(value)
+                    matched.add(pattern)
+            groups.setdefault(scale, []).append(p)
+        unmatched = set(scales) - matched
+        if unmatched:
+            names = [n for n, p in self.table.named_parameters() if p.requires_grad]
+            raise ValueError(
+                f"learning_rate_scales names no trainable parameter: {sorted(unmatched)}; "
+                f"trainable parameters: {', '.join(names)}"
+            )
+        return [{"params": ps, "lr": self.learning_rate * scale, "scale": scale} for scale, ps in groups.items()]
+
     def _make_optimizer(self):
-        params = self._trainable()
+        groups = self._param_groups()
         if self.options["optimizer"] == "adam":
-            return torch.optim.Adam(params, lr=self.learning_rate)
-        return torch.optim.SGD(params, lr=self.learning_rate, momentum=0.9)
+            return torch.optim.Adam(groups, lr=self.learning_rate)
+        return torch.optim.SGD(groups, lr=self.learning_rate, momentum=0.9)
 
     def _build_estimators(self) -> None:
-        from .gradients import ReweightingEstimator, RolloutEstimator
-
         import inspect
+
+        from .gradients import ReweightingEstimator, RolloutEstimator
 
         opts = dict(self.options["estimator_options"])
         accepted = {
@@ -476,7 +509,7 @@ class Trainer:
             base = self.learning_rate * 0.5 * (1 + math.cos(math.pi * frac))
             base = max(base, 0.05 * self.learning_rate)
         for group in self.optimizer.param_groups:
-            group["lr"] = base
+            group["lr"] = base * group.get("scale", 1.0)
 
     def _good_state(self) -> Dict[str, Any]:
         return {
@@ -494,7 +527,9 @@ class Trainer:
         old = self.learning_rate
         self.learning_rate *= 0.5
         event = {"epoch": self.epoch, "event": "rollback", "reason": reason, "learning_rate": [old, self.learning_rate]}
-        logger.warning("epoch %d rolled back (%s); learning rate %.3g -> %.3g", self.epoch, reason, old, self.learning_rate)
+        logger.warning(
+            "epoch %d rolled back (%s); learning rate %.3g -> %.3g", self.epoch, reason, old, self.learning_rate
+        )
         if self.options["progress"]:
             print(f"  ! epoch {self.epoch}: {reason}; rolled back, learning rate {old:.3g} -> {self.learning_rate:.3g}")
         return event
@@ -634,7 +669,7 @@ class Trainer:
         return path
 
     @classmethod
-    def resume(cls, output_dir: Union[str, Path], **overrides) -> "Trainer":
+    def resume(cls, output_dir: Union[str, Path], **overrides) -> Trainer:
         """Rebuild a trainer from ``output_dir/checkpoint.pt`` (or a checkpoint file).
 
         ``overrides`` replace saved options (e.g. ``max_epochs`` to train longer).
@@ -702,7 +737,10 @@ class Trainer:
             )
         written.append(
             plotting.plot_potentials(
-                folder / "potential.png", self.table, r_min=_plot_r_min(self.table), r_max=self.table.cutoff,
+                folder / "potential.png",
+                self.table,
+                r_min=_plot_r_min(self.table),
+                r_max=self.table.cutoff,
                 kT=self.states[0].kT,
             )
         )

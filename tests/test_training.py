@@ -1,0 +1,206 @@
+"""Trainer: loop, rollback on blow-ups, atomic checkpoints, resume, initial guess."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import openmm_diffsim as od
+from openmm_diffsim.sampling import SamplingError
+from openmm_diffsim.systems import StatePoint
+from openmm_diffsim.targets import Target
+from openmm_diffsim.training import Trainer, TrainingError, boltzmann_inversion, fit_table_to_curve
+
+SIGMA, EPSILON, MASS = 0.34, 0.996, 39.948
+N = 64
+CUTOFF = 0.75
+
+
+def lj_rdf_target():
+    """A cheap, smooth LJ-like target: dilute-gas g(r) = exp(-u/kT) of the true potential."""
+    r = np.linspace(0.005, 0.745, 75)
+    kT = 0.0083144626 * 150.0
+    table = od.PairTable(["Ar"], od.LennardJones(SIGMA, EPSILON), cutoff=CUTOFF, cutoff_mode="shift")
+    u, _ = table.evaluate(np.maximum(r, 0.2))
+    return Target(r, np.exp(-u / kT), pair=("Ar", "Ar"), state="gas")
+
+
+def small_state(target=None):
+    targets = [target if target is not None else lj_rdf_target()]
+    return StatePoint(
+        name="gas",
+        species=["Ar"],
+        counts=[N],
+        masses=[MASS],
+        temperature=150.0,
+        box=[1.6, 1.6, 1.6],
+        targets=targets,
+    )
+
+
+def model_table(sigma=0.32):
+    return od.PairTable(["Ar"], od.LennardJones(sigma, EPSILON), cutoff=CUTOFF, cutoff_mode="shift")
+
+
+def quick_trainer(tmp_path=None, **overrides):
+    options = dict(
+        learning_rate=0.01,
+        learning_rate_scales={"sigma": 0.2},
+        max_epochs=3,
+        n_snapshots=6,
+        snapshot_interval=10,
+        equilibration_steps=50,
+        estimator_options=dict(r_range=(0.0, 0.75), n_bins=75, smearing=0.01),
+        progress=False,
+        plot_every=0,
+        seed=3,
+    )
+    options.update(overrides)
+    return Trainer(model_table(), [small_state()], "reweighting", output_dir=tmp_path, **options)
+
+
+def test_fit_runs_logs_and_checkpoints(tmp_path):
+    trainer = quick_trainer(tmp_path)
+    history = trainer.fit()
+    assert len(history) == 3
+    assert all(np.isfinite(h["loss"]) for h in history)
+    assert trainer.md_steps > 0
+    lines = (tmp_path / "log.jsonl").read_text().strip().splitlines()
+    assert [json.loads(line)["epoch"] for line in lines] == [0, 1, 2]
+    assert (tmp_path / "checkpoint.pt").exists()
+    assert (tmp_path / "plots" / "loss.png").stat().st_size > 1000
+    # The parameter moved (the gradient reached the optimiser).
+    assert trainer.table.pair_potentials[0].sigma.item() != pytest.approx(0.32, abs=1e-9)
+
+
+def test_resume_continues_from_checkpoint(tmp_path):
+    trainer = quick_trainer(tmp_path, max_epochs=2)
+    trainer.fit()
+    sigma_saved = trainer.table.pair_potentials[0].sigma.item()
+    resumed = Trainer.resume(tmp_path, max_epochs=4)
+    assert resumed.epoch == 2
+    assert resumed.table.pair_potentials[0].sigma.item() == sigma_saved
+    assert len(resumed.history) == 2
+    resumed.fit()
+    assert resumed.epoch == 4
+    lines = (tmp_path / "log.jsonl").read_text().strip().splitlines()
+    assert [json.loads(line)["epoch"] for line in lines] == [0, 1, 2, 3]
+    assert resumed.md_steps > trainer.md_steps
+
+
+def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
+    trainer = quick_trainer(tmp_path, max_epochs=1)
+    trainer.fit()
+    before = (tmp_path / "checkpoint.pt").read_bytes()
+
+    def broken_save(obj, f, *args, **kwargs):
+        f.write(b"partial")
+        raise KeyboardInterrupt("killed while writing")
+
+    monkeypatch.setattr(torch, "save", broken_save)
+    with pytest.raises(KeyboardInterrupt):
+        trainer.save_checkpoint()
+    assert (tmp_path / "checkpoint.pt").read_bytes() == before
+    monkeypatch.undo()
+    Trainer.resume(tmp_path)  # still loads
+
+
+def test_sampling_blow_up_is_rolled_back(tmp_path, monkeypatch):
+    from openmm_diffsim import sampling
+
+    trainer = quick_trainer(tmp_path, max_epochs=2)
+    original_run = sampling.Sampler.run
+    calls = {"n": 0}
+
+    def failing_run(self, n_snapshots, interval):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise SamplingError(self.state.name, 123, "energy is NaN")
+        return original_run(self, n_snapshots, interval)
+
+    monkeypatch.setattr(sampling.Sampler, "run", failing_run)
+    # Force a fresh sample every epoch so the second epoch hits the failure.
+    monkeypatch.setattr(trainer.reweighting["gas"], "n_eff_threshold", 1.01)
+    history = trainer.fit()
+    events = [e for h in history for e in h["events"]]
+    assert len(events) == 1 and events[0]["event"] == "rollback"
+    assert "energy is NaN" in events[0]["reason"]
+    assert trainer.learning_rate == pytest.approx(0.005)
+    assert len(history) == 2
+
+
+def test_repeated_failures_raise(tmp_path, monkeypatch):
+    from openmm_diffsim import sampling
+
+    trainer = quick_trainer(tmp_path, max_epochs=2, max_retries=2)
+
+    def always_fail(self, n_snapshots, interval):
+        raise SamplingError(self.state.name, 7, "temperature exploded")
+
+    monkeypatch.setattr(sampling.Sampler, "run", always_fail)
+    with pytest.raises(TrainingError, match="temperature exploded"):
+        trainer.fit()
+
+
+def test_nonfinite_gradient_never_reaches_parameters(tmp_path, monkeypatch):
+    trainer = quick_trainer(tmp_path, max_epochs=1, max_retries=1)
+    estimator = trainer.reweighting["gas"]
+    original = type(estimator).__call__
+
+    def poisoned(self, table, *args, **kwargs):
+        result = original(self, table, *args, **kwargs)
+        for p in table.parameters():
+            if p.grad is not None:
+                p.grad.fill_(float("nan"))
+        return result
+
+    monkeypatch.setattr(type(estimator), "__call__", poisoned)
+    sigma_before = trainer.table.pair_potentials[0].sigma.item()
+    with pytest.raises(TrainingError, match="non-finite"):
+        trainer.fit()
+    assert trainer.table.pair_potentials[0].sigma.item() == sigma_before
+
+
+def test_bad_inputs_name_the_problem():
+    state = small_state()
+    with pytest.raises(ValueError, match="estimator must be one of"):
+        Trainer(model_table(), [state], "newton")
+    with pytest.raises(ValueError, match="no targets"):
+        Trainer(model_table(), [StatePoint("x", ["Ar"], [N], [MASS], 150.0, box=[1.6] * 3)])
+    wrong = Target(np.linspace(0.01, 0.7, 20), np.ones(20), pair=("Ne", "Ne"))
+    with pytest.raises(ValueError, match="Ne"):
+        Trainer(model_table(), [small_state(wrong)])
+    with pytest.raises(ValueError, match="learning_rate_scales"):
+        Trainer(model_table(), [state], learning_rate_scales={"nonexistent": 2.0})
+    with pytest.raises(ValueError, match="unknown estimator option"):
+        Trainer(model_table(), [state], estimator_options={"bins": 10})
+    with pytest.raises(ValueError, match="unique"):
+        Trainer(model_table(), [state, small_state()])
+
+
+def test_boltzmann_inversion_recovers_dilute_potential():
+    # Dilute gas: g = exp(-u/kT), so -kT ln g is u itself.
+    target = lj_rdf_target()
+    kT = 0.0083144626 * 150.0
+    r, u = boltzmann_inversion(target.r, target.g, kT, g_min=1e-3)
+    table = od.PairTable(
+        ["Ar"],
+        od.CubicSpline(np.linspace(0.3, 0.75, 25), np.zeros(25)),
+        cutoff=CUTOFF,
+        cutoff_mode="shift",
+    )
+    keep = r > 0.31
+    rms = fit_table_to_curve(table, ("Ar", "Ar"), r[keep], u[keep] - u[keep][-1])
+    assert rms < 0.02 * kT
+    truth, _ = model_table(SIGMA).evaluate(r[keep])
+    model, _ = table.evaluate(r[keep])
+    assert np.max(np.abs(model - truth)) < 0.05 * kT
+
+
+@pytest.mark.slow
+def test_reweighting_training_moves_sigma_towards_truth(tmp_path):
+    trainer = quick_trainer(tmp_path, max_epochs=30, n_snapshots=20, snapshot_interval=20, learning_rate=0.02)
+    trainer.fit()
+    sigma = trainer.table.pair_potentials[0].sigma.item()
+    assert abs(sigma - SIGMA) < abs(0.32 - SIGMA) / 2

@@ -17,6 +17,35 @@ from .potentials import (
 )
 from .torchforce import create_system, create_torch_force
 
+# The OpenMM-facing and training layers import lazily (``openmm_diffsim.sampling``,
+# ``.training``, ``.export``, ...); the names below resolve on first use so that
+# ``import openmm_diffsim`` stays light.
+_LAZY = {
+    "StatePoint": "systems",
+    "reduced_lj_units": "systems",
+    "Sampler": "sampling",
+    "Snapshots": "sampling",
+    "SamplingError": "sampling",
+    "reference_rdfs": "sampling",
+    "compute_rdf": "observables",
+    "compute_partial_rdfs": "observables",
+    "virial_pressure": "observables",
+    "Target": "targets",
+    "read_target": "targets",
+    "write_rdf": "targets",
+    "ReweightingEstimator": "gradients",
+    "RolloutEstimator": "gradients",
+    "Trainer": "training",
+}
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module 'openmm_diffsim' has no attribute {name!r}")
+
 __version__ = "0.1.0"
 
 __all__ = [
@@ -38,4 +67,5 @@ __all__ = [
     "neighbor_pairs",
     "create_torch_force",
     "create_system",
+    *_LAZY,
 ]

@@ -28,14 +28,13 @@ gradient methods run the same segments, so they agree to round-off.
 
 Adjoint memory law
 ------------------
-The adjoint keeps the ``F`` recorded frames with the graphs of their
-observables (for the RDF: the pair distances and indices within the RDF
-range, ``O(F·B·pairs)``), the initial state, one state every
+The adjoint keeps the ``F`` recorded frames (positions, ``F·B·N·3``
+numbers; with ``keep_observable_graphs`` also the graphs of their
+observables, ``O(F·B·pairs)``), the initial state, one state every
 ``checkpoint_every`` steps (none if ``None``), and the autograd graph of a
-single step. Peak memory is therefore
-``O(F·B·pairs + B·N·n_steps/checkpoint_every) + O(one step)``: independent
-of the number of steps for a fixed number of frames and without
-checkpoints, and growing only with the frames otherwise. Backprop keeps the
+single step and of a single frame's observable. Peak memory is therefore
+``O(B·N·(F + n_steps/checkpoint_every)) + O(one step)``: independent of the
+number of steps for a fixed number of frames and without checkpoints. Backprop keeps the
 graph of every step: ``O(n_steps·B·pairs)``.
 
 Backward states are rebuilt by running the integrator backward in time
@@ -656,6 +655,7 @@ def rollout_gradient(
     parameters: Sequence[Tensor],
     method: str = "backprop",
     checkpoint_every: Optional[int] = 50,
+    keep_observable_graphs: bool = False,
 ) -> GradientResult:
     """Gradient of ``loss(mean over frames of observable(frame))`` with respect to ``parameters``.
 
@@ -678,6 +678,10 @@ def rollout_gradient(
         Adjoint only: store the state every this many steps and restart the
         backward reconstruction from it (bounds reversal round-off). ``None``:
         no checkpoints, memory independent of ``n_steps``.
+    keep_observable_graphs : bool
+        Adjoint only: keep each frame's observable graph from the forward pass
+        (faster: no second pair search per frame) instead of recomputing it in
+        the backward pass (less memory: only the frame positions are kept).
 
     Returns
     -------
@@ -712,12 +716,13 @@ def rollout_gradient(
             loss,
             parameters,
             checkpoint_every,
+            keep_observable_graphs,
         )
     else:
         raise ValueError(f"method must be 'backprop' or 'adjoint', got {method!r}")
     if not math.isfinite(result.loss):
         raise NonFiniteError(f"the rollout loss is not finite ({result.loss})")
-    for p, g in zip(parameters, result.gradients):
+    for p, g in zip(parameters, result.gradients, strict=False):
         if g is not None and not bool(torch.isfinite(g).all()):
             raise NonFiniteError(f"non-finite gradient for a parameter of shape {tuple(p.shape)}")
     return result
@@ -733,7 +738,7 @@ def _backprop(forces, masses, integrator, positions, velocities, n_steps, record
             raise NonFiniteError(f"the rollout loss is not finite ({float(value)})")
         wanted = [p for p in parameters if p.requires_grad]
         grads = torch.autograd.grad(value, wanted, allow_unused=True) if wanted else ()
-    by_id = {id(p): g for p, g in zip(wanted, grads)}
+    by_id = {id(p): g for p, g in zip(wanted, grads, strict=False)}
     return GradientResult(
         float(value.detach()),
         [by_id.get(id(p)) for p in parameters],
@@ -758,6 +763,7 @@ def _adjoint(
     loss,
     parameters,
     checkpoint_every,
+    keep_observable_graphs,
 ):
     evaluations, builds = forces.evaluations, forces.builds
     wanted = [p for p in parameters if p.requires_grad]
@@ -765,7 +771,8 @@ def _adjoint(
         engine, x, v, th = _prepare(forces, masses, integrator, positions.detach(), velocities.detach(), None)
         start = RolloutState(x, v, th)
         checkpoints: Dict[int, RolloutState] = {}
-        # Per recorded frame: (positions leaf, observable with its graph to the leaf).
+        # Per recorded frame: positions and observable (with its graph to the
+        # positions if keep_observable_graphs, else recomputed in the backward pass).
         frames: Dict[int, Tuple[Tensor, Tensor]] = {}
         for step in range(int(n_steps)):
             if checkpoint_every is not None and step > 0 and step % checkpoint_every == 0:
@@ -773,9 +780,12 @@ def _adjoint(
             f = _forces_at(forces, x, step)
             x, v, th = engine.segment(x, v, th, f, step)
             if (step + 1) % record_every == 0:
-                with torch.enable_grad():
-                    leaf = x.detach().requires_grad_(True)
-                    frames[step + 1] = (leaf, observable(leaf))
+                if keep_observable_graphs:
+                    with torch.enable_grad():
+                        leaf = x.detach().requires_grad_(True)
+                        frames[step + 1] = (leaf, observable(leaf))
+                else:
+                    frames[step + 1] = (x, observable(x))
         if not bool(torch.isfinite(x).all()) or not bool(torch.isfinite(v).all()):
             raise NonFiniteError(f"the rollout became non-finite by step {n_steps}")
     with torch.enable_grad():
@@ -795,6 +805,10 @@ def _adjoint(
         # (x, v, th) is the output of segment `step`; add the frame's direct contribution.
         if (step + 1) in frames:
             leaf, obs = frames.pop(step + 1)  # frees the frame's graph once used
+            if not keep_observable_graphs:
+                with torch.enable_grad():
+                    leaf = leaf.detach().requires_grad_(True)
+                    obs = observable(leaf)
             (frame_grad,) = torch.autograd.grad(obs, leaf, cotangent)
             a_x = a_x + frame_grad
         with torch.no_grad():
@@ -820,12 +834,12 @@ def _adjoint(
             result = torch.autograd.grad(outputs, inputs, cotangents, allow_unused=True)
         a_x = _or_zeros(result[0], x_leaf)
         a_v = _or_zeros(result[1], v_leaf)
-        a_th = [_or_zeros(g, t) for g, t in zip(result[2 : 2 + len(th_leaf)], th_leaf)]
+        a_th = [_or_zeros(g, t) for g, t in zip(result[2 : 2 + len(th_leaf)], th_leaf, strict=False)]
         for k, g in enumerate(result[2 + len(th_leaf) :]):
             if g is not None:
                 grads[k] = g if grads[k] is None else grads[k] + g
         x, v, th = x_prev.detach(), v_prev.detach(), tuple(t.detach() for t in th_prev)
-    by_id = {id(p): g for p, g in zip(wanted, grads)}
+    by_id = {id(p): g for p, g in zip(wanted, grads, strict=False)}
     return GradientResult(
         float(value.detach()),
         [by_id.get(id(p)) for p in parameters],

@@ -186,7 +186,7 @@ def _accumulate(parameters: List[Tensor], grads: Sequence[Optional[Tensor]]) -> 
             if not bool(torch.isfinite(g).all()):
                 raise NonFiniteError("non-finite gradient")
             total += float((g.double() ** 2).sum())
-    for p, g in zip(parameters, grads):
+    for p, g in zip(parameters, grads, strict=False):
         if g is None:
             continue
         g = g.to(p.dtype)

@@ -112,6 +112,10 @@ def _all_pairs(positions: Tensor, lengths: Tensor, cutoff: float) -> Tuple[Tenso
 
 
 def _cell_pairs(positions: Tensor, lengths: Tensor, cutoff: float, n_cells: Tensor) -> Tuple[Tensor, Tensor]:
+    # Particles are binned into cells at least `cutoff` wide and laid out in a
+    # dense (cells, max occupancy) table; each of the 13 half-shell neighbour
+    # offsets (plus the cell itself) is then one dense block of distances. With
+    # at least three cells per axis every unordered cell pair is visited once.
     device = positions.device
     n = positions.shape[0]
     wrapped = positions - lengths * torch.floor(positions / lengths)
@@ -122,34 +126,44 @@ def _cell_pairs(positions: Tensor, lengths: Tensor, cutoff: float, n_cells: Tens
     cell = (cell3 * stride).sum(1)
     total_cells = int((n_cells[0] * n_cells[1] * n_cells[2]).item())
     order = torch.argsort(cell)
+    sorted_cell = cell[order]
     counts = torch.bincount(cell, minlength=total_cells)
     starts = torch.cumsum(counts, 0) - counts
     max_occupancy = int(counts.max().item())
+    rank = torch.arange(n, device=device) - starts[sorted_cell]
+    members = torch.full((total_cells, max_occupancy), -1, dtype=torch.long, device=device)
+    members[sorted_cell, rank] = order
+    cell_positions = torch.zeros(total_cells, max_occupancy, 3, dtype=positions.dtype, device=device)
+    cell_positions[sorted_cell, rank] = wrapped[order]
+    occupied = members >= 0
 
-    shifts = torch.tensor([-1, 0, 1], device=device)
-    offsets = torch.cartesian_prod(shifts, shifts, shifts)  # (27, 3)
-    slots = torch.arange(max_occupancy, device=device)
-
-    # Cap the candidates handled at once (about 40 MB of int64) so memory stays
-    # flat for large systems.
-    chunk = max(1, 5000000 // (27 * max(max_occupancy, 1)))
+    ax = torch.arange(int(n_cells[0].item()), device=device)
+    ay = torch.arange(int(n_cells[1].item()), device=device)
+    az = torch.arange(int(n_cells[2].item()), device=device)
+    all_cells3 = torch.cartesian_prod(ax, ay, az)  # row-major, matches `stride`
+    same_cell_upper = torch.triu(torch.ones(max_occupancy, max_occupancy, dtype=torch.bool, device=device), 1)
+    cutoff_sq = cutoff * cutoff
     found_i: List[Tensor] = []
     found_j: List[Tensor] = []
-    for begin in range(0, n, chunk):
-        a = torch.arange(begin, min(begin + chunk, n), device=device)
-        neighbor_cell3 = (cell3[a].unsqueeze(1) + offsets.unsqueeze(0)) % n_cells
-        neighbor_cell = (neighbor_cell3 * stride).sum(2)  # (C, 27)
-        slot = starts[neighbor_cell].unsqueeze(2) + slots  # (C, 27, M)
-        valid = slots < counts[neighbor_cell].unsqueeze(2)
-        b = order[torch.clamp(slot, max=n - 1)]
-        a_full = a.view(-1, 1, 1).expand_as(b)
-        keep = valid & (b > a_full)
-        ci = a_full[keep]
-        cj = b[keep]
-        dr = pair_displacements(positions, ci, cj, lengths)
-        close = (dr * dr).sum(1) < cutoff * cutoff
-        found_i.append(ci[close])
-        found_j.append(cj[close])
+    for dx in range(0, 2):
+        for dy in range(-1, 2):
+            for dz in range(-1, 2):
+                # Half shell: (0,0,0) and the offsets lexicographically after it.
+                if dx == 0 and (dy < 0 or (dy == 0 and dz < 0)):
+                    continue
+                offset = torch.tensor([dx, dy, dz], device=device)
+                neighbor = (((all_cells3 + offset) % n_cells) * stride).sum(1)
+                d = cell_positions[neighbor].unsqueeze(1) - cell_positions.unsqueeze(2)  # (C, M, M, 3)
+                d = d - lengths * torch.round(d / lengths)
+                close = (d * d).sum(3) < cutoff_sq
+                close = close & occupied.unsqueeze(2) & occupied[neighbor].unsqueeze(1)
+                if dx == 0 and dy == 0 and dz == 0:
+                    close = close & same_cell_upper
+                hit = torch.nonzero(close)
+                a = members[hit[:, 0], hit[:, 1]]
+                b = members[neighbor[hit[:, 0]], hit[:, 2]]
+                found_i.append(torch.minimum(a, b))
+                found_j.append(torch.maximum(a, b))
     return torch.cat(found_i), torch.cat(found_j)
 
 

@@ -13,7 +13,12 @@ __all__ = ["to_float", "to_array", "strip_unit"]
 
 
 def strip_unit(value, unit_name: str | None = None):
-    """Return ``value`` in OpenMM's default unit system if it is a Quantity, unchanged otherwise."""
+    """Return ``value`` as a plain number if it is a Quantity, unchanged otherwise.
+
+    With ``unit_name`` (an ``openmm.unit`` attribute such as ``"nanometer"`` or
+    ``"bar"``) the value is expressed in that unit and incompatible units raise;
+    without it, in OpenMM's default unit system.
+    """
     if hasattr(value, "value_in_unit_system"):
         from openmm import unit
 
@@ -21,6 +26,8 @@ def strip_unit(value, unit_name: str | None = None):
             target = getattr(unit, unit_name)
             if not value.unit.is_compatible(target):
                 raise ValueError(f"expected a quantity compatible with {unit_name}, got unit {value.unit}")
+            # Named units (bar, angstrom, ...) are honoured as named.
+            return value.value_in_unit(target)
         return value.value_in_unit_system(unit.md_unit_system)
     return value
 

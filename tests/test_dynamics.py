@@ -105,7 +105,11 @@ def test_batched_forces_equal_table_energy_and_forces(dtype):
     """The rollout force kernel (fixed periodic images, batched replicas) equals table.energy_and_forces."""
     table = od.PairTable(
         ["A", "B"],
-        {("A", "A"): od.LennardJones(SIGMA, EPSILON), ("A", "B"): od.SoftSphere(0.3, 1.0), ("B", "B"): od.WCA(0.3, 1.0)},
+        {
+            ("A", "A"): od.LennardJones(SIGMA, EPSILON),
+            ("A", "B"): od.SoftSphere(0.3, 1.0),
+            ("B", "B"): od.WCA(0.3, 1.0),
+        },
         cutoff=0.8,
         cutoff_mode="shift",
     )
@@ -159,7 +163,7 @@ def test_thermostat_half_step_is_inverted_by_negative_timestep():
     v2, th2 = integrator.thermostat_half(v1, th1, masses, -0.002)
     assert float((v1 - v).abs().max()) > 1e-6
     torch.testing.assert_close(v2, v, rtol=0, atol=1e-13)
-    for a, b in zip(th2, th):
+    for a, b in zip(th2, th, strict=False):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-13)
 
 
@@ -226,7 +230,7 @@ def test_adjoint_equals_backprop(integrator):
     checkpointed = dyn.rollout_gradient(*common, method="adjoint", checkpoint_every=15)
     assert adjoint.loss == pytest.approx(backprop.loss, rel=1e-12)
     for other in (adjoint, checkpointed):
-        for a, b in zip(other.gradients, backprop.gradients):
+        for a, b in zip(other.gradients, backprop.gradients, strict=False):
             assert float(b.abs()) > 0
             assert float((a - b).abs() / b.abs()) < 1e-6
     # Without checkpoints the backward integration must still land on the start.
@@ -242,10 +246,19 @@ def test_float32_rollout_gradient_is_close_to_float64():
     forces32 = dyn.PairForces(table, np.zeros(64, dtype=int), np.full(3, edge), skin=0.1)
     for method in ("backprop", "adjoint"):
         low = dyn.rollout_gradient(
-            forces32, masses, dyn.VelocityVerlet(0.002), x0.float(), v0.float(), 30, 10, observable, loss, params,
+            forces32,
+            masses,
+            dyn.VelocityVerlet(0.002),
+            x0.float(),
+            v0.float(),
+            30,
+            10,
+            observable,
+            loss,
+            params,
             method=method,
         )
-        for a, b in zip(low.gradients, ref.gradients):
+        for a, b in zip(low.gradients, ref.gradients, strict=False):
             assert float((a - b).abs() / b.abs()) < 1e-3
 
 
@@ -258,7 +271,16 @@ def test_overlap_raises_nonfinite_error_naming_the_step():
     observable, loss = rdf_objective(edge)
     with pytest.raises(dyn.NonFiniteError):
         dyn.rollout_gradient(
-            forces, masses, dyn.VelocityVerlet(0.002), x_bad, v0, 5, 5, observable, loss, list(table.parameters()),
+            forces,
+            masses,
+            dyn.VelocityVerlet(0.002),
+            x_bad,
+            v0,
+            5,
+            5,
+            observable,
+            loss,
+            list(table.parameters()),
             method="adjoint",
         )
 

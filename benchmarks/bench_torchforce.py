@@ -14,9 +14,9 @@ from __future__ import annotations
 import argparse
 import time
 
-import torch  # noqa: F401  (load libtorch before OpenMM's plugins)
 import numpy as np
 import openmm as mm
+import torch  # noqa: F401  (load libtorch before OpenMM's plugins)
 
 import openmm_diffsim as od
 
@@ -95,7 +95,9 @@ def main():
         positions = fcc_positions(n, box, rng)
         results = {}
         results["native NonbondedForce"] = steps_per_second(native_system(n, box), positions, args.steps)
-        results["tabulated CustomNonbondedForce"] = steps_per_second(tabulated_system(n, box, lj), positions, args.steps)
+        results["tabulated CustomNonbondedForce"] = steps_per_second(
+            tabulated_system(n, box, lj), positions, args.steps
+        )
         results["TorchForce LJ (analytic)"] = steps_per_second(
             od.create_system(lj, ["Ar"] * n, MASS, [box] * 3), positions, args.steps
         )

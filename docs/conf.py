@@ -20,6 +20,9 @@ source_suffix = {".md": "markdown", ".rst": "restructuredtext"}
 myst_enable_extensions = ["dollarmath", "colon_fence"]
 napoleon_numpy_docstring = True
 napoleon_google_docstring = False
+# "path" in parameter types means any os.PathLike, not a class of this package.
+napoleon_preprocess_types = True
+napoleon_type_aliases = {"path": "os.PathLike", "array_like": "numpy.typing.ArrayLike"}
 autodoc_member_order = "bysource"
 autodoc_typehints = "none"
 autodoc_default_options = {"members": True, "show-inheritance": True}

@@ -46,6 +46,7 @@ def __getattr__(name):
         return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
     raise AttributeError(f"module 'openmm_diffsim' has no attribute {name!r}")
 
+
 __version__ = "0.1.0"
 
 __all__ = [

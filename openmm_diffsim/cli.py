@@ -456,7 +456,14 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         demo = importlib.import_module("openmm_diffsim.demo")
     except ImportError as exc:
         raise UsageError("the demo is not available in this installation (openmm_diffsim.demo is missing)") from exc
-    demo.run_demo(Path(args.output), quick=args.quick)
+    demo.run_demo(
+        Path(args.output),
+        quick=args.quick,
+        estimator=getattr(args, "estimator", "reweighting"),
+        max_epochs=getattr(args, "max_epochs", None),
+        resume=getattr(args, "resume", False),
+        pressure_weight=getattr(args, "pressure_weight", 0.0),
+    )
     print(f"demo results in {args.output}")
     return 0
 
@@ -545,8 +552,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_export)
 
     p = sub.add_parser("demo", parents=[common], help="learn argon's LJ potential back from its RDF")
-    p.add_argument("--output", default="diffsim-demo", metavar="DIR", help="output folder (default diffsim-demo)")
+    p.add_argument("--output", default="demo-output", metavar="DIR", help="output folder (default demo-output)")
     p.add_argument("--quick", action="store_true", help="a small, fast version")
+    p.add_argument(
+        "--estimator",
+        default="reweighting",
+        choices=["reweighting", "rollout", "adjoint", "hybrid"],
+        help="gradient estimator (default reweighting)",
+    )
+    p.add_argument("--max-epochs", type=int, metavar="N", help="optimiser steps (default 150)")
+    p.add_argument("--resume", action="store_true", help="continue from the output folder's checkpoint")
+    p.add_argument("--pressure-weight", type=float, default=0.0, metavar="W", help="weight of the pressure term")
     p.set_defaults(func=_cmd_demo)
     return parser
 

@@ -322,7 +322,7 @@ def tabulated_force(
         (h = (cutoff - r_min) / (n_points - 1)).
     r_min : float, optional
         Start of the tables (nm). By default the smallest distance at which
-        every pair type's |u| is below ``energy_cap``.
+        every pair type's ``|u|`` is below ``energy_cap``.
     energy_cap : float
         kJ/mol; only used to choose ``r_min``.
 

@@ -21,7 +21,7 @@ gradients untouched and says why in ``diagnostics``.
 
 The loss of a state is ``state.weight * loss_weight * Σ_targets
 rdf_loss(g_model, g_target, target.weights)`` (plus an optional pressure
-term for reweighting). Targets must lie on the estimator's bins (bin centres
+term, see the estimators). Targets must lie on the estimator's bins (bin centres
 of ``r_range`` / ``n_bins``); other grids are interpolated with
 :meth:`Target.resample`. Smear an external histogram target with
 :func:`~openmm_diffsim.observables.smear_target` first, so model and target
@@ -30,6 +30,7 @@ see the same kernel.
 
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Protocol, Sequence, Tuple
@@ -46,7 +47,13 @@ from .dynamics import (
     rollout_gradient,
 )
 from .neighbors import box_lengths, neighbor_pairs, pair_displacements
-from .observables import BAR_PER_KJ_PER_MOL_NM3, compute_partial_rdfs, rdf_bin_edges, rdf_loss
+from .observables import (
+    BAR_PER_KJ_PER_MOL_NM3,
+    compute_partial_rdfs,
+    configurational_pressure,
+    rdf_bin_edges,
+    rdf_loss,
+)
 from .potentials import PairTable
 
 __all__ = [
@@ -249,7 +256,7 @@ class ReweightingEstimator:
         ``auto``: histogram if, at :meth:`reset`, its energies agree with
         the exact ones to ``energy_tolerance`` (in kT) on every snapshot.
     energy_tolerance : float
-        Largest allowed |U_hist - U_exact| / kT for ``auto``.
+        Largest allowed ``|U_hist - U_exact| / kT`` for ``auto``.
     target_outside : str
         ``outside`` argument of :meth:`Target.resample` for off-grid targets.
     on_nonfinite : {"reject", "raise"}
@@ -518,6 +525,55 @@ class ReweightingEstimator:
 # -- rollouts --------------------------------------------------------------------------------
 
 
+class _FramePressure:
+    """Virial pressure (bar) of a rollout frame, averaged over replicas.
+
+    ``P = N k T / V - Σ_pairs r u'(r) / (3 V)`` with the kinetic part from the
+    state temperature, the convention of :class:`ReweightingEstimator`, so both
+    estimators fit the same quantity.
+
+    P depends on θ through the positions *and* directly through u'. With
+    backprop autograd sees both paths. The adjoint of
+    :func:`~openmm_diffsim.dynamics.rollout_gradient` backpropagates each
+    frame's observable to the positions only, so for the adjoint
+    (``direct=True``) this class evaluates P with a frozen copy of the table
+    when called with grad enabled (the adjoint's backward recomputation: the
+    position path) and, when called without grad (the adjoint's forward pass,
+    once per recorded frame), records ``∂P/∂θ`` at fixed positions; the
+    estimator adds that direct term to the adjoint gradient.
+    """
+
+    def __init__(self, table: PairTable, species: Tensor, lengths: Tensor, beta: float, parameters, direct: bool):
+        self.table = table
+        self.species = species
+        self.lengths = lengths  # (3,) nm: a 1-D box is never mistaken for per-frame lengths
+        volume = float(lengths.prod())
+        self.kinetic = species.shape[0] / beta / volume * BAR_PER_KJ_PER_MOL_NM3
+        self.parameters = list(parameters)
+        self.frozen = copy.deepcopy(table).requires_grad_(False) if direct else None
+        self.direct_sum: List[Optional[Tensor]] = [None] * len(self.parameters)
+        self.direct_frames = 0
+
+    def _pressure(self, table: PairTable, frame: Tensor) -> Tensor:
+        conf = configurational_pressure(table, frame, self.lengths, self.species)  # (B,) bar, float64
+        return self.kinetic + conf.mean()
+
+    def __call__(self, frame: Tensor) -> Tensor:
+        if self.frozen is None:
+            return self._pressure(self.table, frame)
+        if torch.is_grad_enabled():
+            return self._pressure(self.frozen, frame)
+        with torch.enable_grad():
+            pressure = self._pressure(self.table, frame.detach())
+            if self.parameters:
+                grads = torch.autograd.grad(pressure, self.parameters, allow_unused=True)
+                for k, g in enumerate(grads):
+                    if g is not None:
+                        self.direct_sum[k] = g if self.direct_sum[k] is None else self.direct_sum[k] + g
+        self.direct_frames += 1
+        return pressure.detach()
+
+
 class RolloutEstimator:
     """Differentiable rollouts seeded from snapshots (the seed paper's DiffSim).
 
@@ -525,7 +581,12 @@ class RolloutEstimator:
     integrates them together for ``n_steps``, averages the smeared RDFs of
     the frames recorded every ``record_every`` steps over frames and
     replicas, and differentiates the loss with respect to the table's
-    parameters.
+    parameters. With ``pressure_weight > 0`` the loss gains
+    ``pressure_weight * (⟨P⟩ - state.pressure)^2`` (bar^2), ⟨P⟩ the virial
+    pressure ``N k T / V - Σ r u'(r) / (3 V)`` (kinetic part from
+    ``state.temperature``, as in :class:`ReweightingEstimator`) averaged over
+    the recorded frames and replicas; its gradient flows through the rollout
+    and through u' directly.
 
     Parameters
     ----------
@@ -556,6 +617,8 @@ class RolloutEstimator:
     integrator_options : dict, optional
         Extra keyword arguments of the integrator (``relaxation_time``,
         ``chain_length``, ``friction``).
+    pressure_weight : float
+        Weight of ``(⟨P⟩ - state.pressure)^2`` (bar^2) in the loss; 0 disables it.
     target_outside : str
         ``outside`` argument of :meth:`Target.resample` for off-grid targets.
     on_nonfinite : {"reject", "raise"}
@@ -579,6 +642,7 @@ class RolloutEstimator:
         seed: int = 0,
         checkpoint_every: Optional[int] = 50,
         integrator_options: Optional[Dict[str, Any]] = None,
+        pressure_weight: float = 0.0,
         target_outside: str = "error",
         on_nonfinite: str = "reject",
     ):
@@ -590,6 +654,9 @@ class RolloutEstimator:
             raise ValueError(f"n_replicas must be a positive integer, got {n_replicas}")
         if dtype not in (torch.float32, torch.float64):
             raise TypeError(f"dtype must be torch.float32 or torch.float64, got {dtype}")
+        pressure_weight = float(pressure_weight)
+        if not pressure_weight >= 0 or not math.isfinite(pressure_weight):
+            raise ValueError(f"pressure_weight must be a non-negative number, got {pressure_weight}")
         make_integrator(integrator, timestep, 1.0, **(integrator_options or {}))  # validate early
         self.n_steps = int(n_steps)
         self.record_every = int(record_every)
@@ -603,6 +670,7 @@ class RolloutEstimator:
         self.seed = int(seed)
         self.checkpoint_every = checkpoint_every
         self.integrator_options = dict(integrator_options or {})
+        self.pressure_weight = pressure_weight
         self.target_outside = target_outside
         self.on_nonfinite = _check_on_nonfinite(on_nonfinite)
         edges = rdf_bin_edges(self.r_range, self.n_bins)
@@ -621,6 +689,9 @@ class RolloutEstimator:
         """Rollout RDF loss; adds its gradient to ``p.grad`` of ``table.parameters()``."""
         if not isinstance(table, PairTable):
             raise TypeError(f"table must be a PairTable, got {type(table).__name__}")
+        use_pressure = self.pressure_weight > 0
+        if use_pressure and getattr(state, "pressure", None) is None:
+            raise ValueError(f"pressure_weight > 0 but state {state.name!r} has no target pressure")
         targets_prepared = _prepare_targets(table, targets, self.r, self.target_outside)
         rows = [t.row for t in targets_prepared]
         chosen = self._choose(len(snapshots.positions))
@@ -647,14 +718,34 @@ class RolloutEstimator:
         box_t = torch.as_tensor(box)
         scale = float(state.weight) * float(loss_weight)
 
-        def observable(frame: Tensor) -> Tensor:
+        parameters = [p for p in table.parameters() if p.requires_grad]
+        pressure = None
+        if use_pressure:
+            pressure = _FramePressure(table, species_t, box_lengths(box_t), state.beta, parameters, self.adjoint)
+        n_rdf = len(rows) * self.n_bins
+
+        def rdfs(frame: Tensor) -> Tensor:
             _, g = compute_partial_rdfs(frame, box_t, species_t, n_species, self.r_range, self.n_bins, self.smearing)
             return g[rows]
 
-        def loss(g_mean: Tensor) -> Tensor:
-            return _rdf_loss_terms(g_mean, targets_prepared) * scale
+        def observable(frame: Tensor) -> Tensor:
+            if pressure is None:
+                return rdfs(frame)
+            # One flat vector per frame, (T * n_bins + 1,): the RDFs, then the pressure.
+            return torch.cat([rdfs(frame).reshape(-1).to(torch.float64), pressure(frame).reshape(1)])
 
-        parameters = [p for p in table.parameters() if p.requires_grad]
+        def split(mean: Tensor) -> Tuple[Tensor, Optional[Tensor]]:
+            if pressure is None:
+                return mean, None
+            return mean[:n_rdf].reshape(len(rows), self.n_bins), mean[n_rdf]
+
+        def loss(mean: Tensor) -> Tensor:
+            g_mean, p_mean = split(mean)
+            value = _rdf_loss_terms(g_mean, targets_prepared) * scale
+            if p_mean is not None:
+                value = value + self.pressure_weight * scale * (p_mean - float(state.pressure)) ** 2
+            return value
+
         base = {"n_eff": float(len(chosen)), "n_eff_fraction": 1.0, "needs_resample": False, "n_replicas": len(chosen)}
         try:
             result = rollout_gradient(
@@ -671,19 +762,26 @@ class RolloutEstimator:
                 method="adjoint" if self.adjoint else "backprop",
                 checkpoint_every=self.checkpoint_every,
             )
-            grad_norm = _accumulate(parameters, result.gradients)
+            gradients = list(result.gradients)
+            if pressure is not None and pressure.frozen is not None:
+                gradients = self._add_direct_pressure_term(
+                    gradients, pressure, split(result.observable)[1], state, scale
+                )
+            grad_norm = _accumulate(parameters, gradients)
         except NonFiniteError as exc:
             if self.on_nonfinite == "raise":
                 raise
             rejected = _rejected(f"{exc}", dict(base, n_eff=float("nan"), n_eff_fraction=float("nan")))
             rejected.r = self.r.copy()
             return rejected
-        g_model = result.observable
+        g_model, p_model = split(result.observable)
         diagnostics: Dict[str, Any] = dict(base)
         diagnostics.update(result.diagnostics)
         diagnostics.update(
             {"steps_run": int(result.diagnostics["steps_run"]), "grad_norm": grad_norm, "rejected": False, "reason": ""}
         )
+        if p_model is not None:
+            diagnostics["pressure"] = float(p_model)
         return EstimatorResult(
             result.loss,
             _rmse(g_model, targets_prepared),
@@ -691,3 +789,20 @@ class RolloutEstimator:
             self.r.copy(),
             {t.key: g_model[k].numpy().copy() for k, t in enumerate(targets_prepared)},
         )
+
+    def _add_direct_pressure_term(
+        self, gradients: List[Optional[Tensor]], pressure: _FramePressure, p_mean: Tensor, state, scale: float
+    ) -> List[Optional[Tensor]]:
+        """Adjoint: add ``dL/d⟨P⟩ · mean_frames ∂P/∂θ`` (fixed positions), which the adjoint does not see."""
+        n_frames = self.n_steps // self.record_every
+        if pressure.direct_frames != n_frames:
+            raise RuntimeError(
+                f"internal error: the pressure saw {pressure.direct_frames} forward frames, expected {n_frames}"
+            )
+        cotangent = 2.0 * self.pressure_weight * scale * (float(p_mean) - float(state.pressure)) / n_frames
+        out = []
+        for g, direct in zip(gradients, pressure.direct_sum, strict=True):
+            if direct is not None:
+                g = cotangent * direct if g is None else g + cotangent * direct
+            out.append(g)
+        return out

@@ -174,7 +174,7 @@ def plot_potentials(
 
     Notes
     -----
-    The y range is clipped to [min u - 1, max(5 kT, 4 |min u|)] (or a few
+    The y range is clipped to [min u - 1, max(5 kT, 4 ``|min u|``)] (or a few
     kJ/mol without ``kT``) so the repulsive wall does not hide the well.
     """
     r_max = float(table.cutoff) if r_max is None else float(r_max)

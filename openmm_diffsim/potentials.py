@@ -26,8 +26,6 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from .neighbors import pair_displacements
-
 __all__ = [
     "PairPotential",
     "LennardJones",
@@ -282,7 +280,8 @@ class CubicSpline(PairPotential):
         values_np = np.asarray(values, dtype=np.float64)
         if knots_np.ndim != 1 or knots_np.shape != values_np.shape:
             raise ValueError(
-                f"knots and values must be 1-D arrays of equal length, got shapes {knots_np.shape} and {values_np.shape}"
+                "knots and values must be 1-D arrays of equal length, "
+                f"got shapes {knots_np.shape} and {values_np.shape}"
             )
         if knots_np.size < 4:
             raise ValueError(f"a cubic spline needs at least 4 knots, got {knots_np.size}")
@@ -297,6 +296,10 @@ class CubicSpline(PairPotential):
         else:
             self.register_buffer("values", values_t)
         self.register_buffer("second_derivative_map", torch.from_numpy(_natural_spline_matrix(knots_np)))
+        self.trainable = bool(trainable)
+        # A frozen spline (e.g. a tabulated network with thousands of knots)
+        # keeps its second derivatives instead of a K x K product per call.
+        self.register_buffer("frozen_second_derivatives", torch.mv(self.second_derivative_map, values_t))
         spacing = np.diff(knots_np)
         self.uniform = bool(np.allclose(spacing, spacing[0], rtol=1e-10, atol=0.0))
         self.first_knot = float(knots_np[0])
@@ -306,18 +309,24 @@ class CubicSpline(PairPotential):
     def energy_and_derivative(self, r: Tensor) -> Tuple[Tensor, Tensor]:
         knots = self.knots.to(r.dtype)
         y = self.values.to(r.dtype)
-        m = torch.mv(self.second_derivative_map.to(r.dtype), y)
+        if self.trainable:
+            m = torch.mv(self.second_derivative_map.to(r.dtype), y)
+        else:
+            m = self.frozen_second_derivatives.to(r.dtype)
         n_intervals = knots.shape[0] - 1
         rc = torch.clamp(r, self.first_knot, self.last_knot)
         if self.uniform:
-            k = torch.floor((rc - self.first_knot) / self.spacing).long()
+            # Uniform knots: interval and offset straight from r, no search or gathers.
+            x = (rc - self.first_knot) * (1.0 / self.spacing)
+            k = torch.clamp(torch.floor(x).long(), 0, n_intervals - 1)
+            b = x - k.to(r.dtype)
+            h = torch.full_like(r, self.spacing)
         else:
             k = torch.searchsorted(knots, rc.contiguous(), right=True) - 1
-        k = torch.clamp(k, 0, n_intervals - 1)
-        r0 = knots[k]
-        r1 = knots[k + 1]
-        h = r1 - r0
-        b = (rc - r0) / h
+            k = torch.clamp(k, 0, n_intervals - 1)
+            r0 = knots[k]
+            h = knots[k + 1] - r0
+            b = (rc - r0) / h
         a = 1.0 - b
         y0 = y[k]
         y1 = y[k + 1]
@@ -383,7 +392,7 @@ class NeuralCorrection(PairPotential):
         self.width = float(cutoff / (n_basis - 1))
         widths = [n_basis] + [int(h) for h in hidden] + [1]
         layers: List[nn.Linear] = []
-        for fan_in, fan_out in zip(widths[:-1], widths[1:]):
+        for fan_in, fan_out in zip(widths[:-1], widths[1:], strict=True):
             layer = nn.Linear(fan_in, fan_out, dtype=torch.float64)
             bound = 1.0 / math.sqrt(fan_in)
             with torch.no_grad():
@@ -635,7 +644,10 @@ class PairTable(nn.Module):
         pi = pair_i.index_select(0, inside)
         pj = pair_j.index_select(0, inside)
         r = torch.sqrt(r2.index_select(0, inside))
-        pair_type = self.pair_types(species.index_select(0, pi), species.index_select(0, pj))
+        if self.n_pair_types == 1:
+            pair_type = torch.zeros_like(pi)
+        else:
+            pair_type = self.pair_types(species.index_select(0, pi), species.index_select(0, pj))
         u, du = self.energy_and_derivative(r, pair_type)
         energy = u.sum()
         if not compute_forces:
@@ -647,7 +659,7 @@ class PairTable(nn.Module):
         slot_i = (pi * 3).unsqueeze(1) + components
         slot_j = (pj * 3).unsqueeze(1) + components
         forces = torch.zeros(positions.shape[0] * 3, dtype=positions.dtype, device=positions.device)
-        forces = forces.index_add(0, slot_i.reshape(-1), f_pair).index_add(0, slot_j.reshape(-1), -f_pair)
+        forces = forces.index_add(0, slot_i.reshape(-1), f_pair).index_add(0, slot_j.reshape(-1), f_pair, alpha=-1)
         forces = forces.view(positions.shape[0], 3)
         return energy, forces
 
@@ -698,7 +710,7 @@ class PairTable(nn.Module):
             self.species,
             {
                 key: tabulate(pot, r_min, self.cutoff, n_points)
-                for key, pot in zip(self.pair_keys(), self.pair_potentials)
+                for key, pot in zip(self.pair_keys(), self.pair_potentials, strict=True)
             },
             cutoff=self.cutoff,
             cutoff_mode=self.cutoff_mode,

@@ -617,6 +617,8 @@ def write_rdf(
     comment : str, optional
         Free text for the header.
 
+    Notes
+    -----
     Files read back with :func:`read_target` / :func:`read_targets_npz`.
     """
     path = os.fspath(path)

@@ -655,7 +655,6 @@ class Trainer:
             "best_state": self.best_state,
             "sampler_states": self._sampler_states,
             "torch_rng": torch.get_rng_state(),
-            "numpy_rng": np.random.get_state(),
         }
 
     def save_checkpoint(self, path: Optional[Union[str, Path]] = None) -> Path:
@@ -711,7 +710,6 @@ class Trainer:
         trainer.best_state = data["best_state"]
         trainer._sampler_states = data["sampler_states"]
         torch.set_rng_state(data["torch_rng"])
-        np.random.set_state(data["numpy_rng"])
         trainer._initialised = False
         return trainer
 

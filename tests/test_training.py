@@ -204,15 +204,35 @@ def test_reweighting_training_recovers_sigma(tmp_path):
 
     state = small_state()
     r, g, _ = reference_rdfs(
-        state, "lj-native", sigma=SIGMA, epsilon=EPSILON, cutoff=CUTOFF, n_snapshots=400, interval=20,
-        equilibration=2000, r_range=(0.0, 0.75), n_bins=75, smearing=0.01, seed=11,
+        state,
+        "lj-native",
+        sigma=SIGMA,
+        epsilon=EPSILON,
+        cutoff=CUTOFF,
+        n_snapshots=400,
+        interval=20,
+        equilibration=2000,
+        r_range=(0.0, 0.75),
+        n_bins=75,
+        smearing=0.01,
+        seed=11,
     )
     target = Target(r, g[0], pair=("Ar", "Ar"), state="gas")
     trainer = Trainer(
-        model_table(0.32), [small_state(target)], "reweighting", output_dir=tmp_path, learning_rate=0.01,
-        learning_rate_scales={"sigma": 0.1}, max_epochs=40, n_snapshots=40, snapshot_interval=20,
-        equilibration_steps=500, estimator_options=dict(r_range=(0.0, 0.75), n_bins=75, smearing=0.01),
-        progress=False, plot_every=0, seed=5,
+        model_table(0.32),
+        [small_state(target)],
+        "reweighting",
+        output_dir=tmp_path,
+        learning_rate=0.01,
+        learning_rate_scales={"sigma": 0.1},
+        max_epochs=40,
+        n_snapshots=40,
+        snapshot_interval=20,
+        equilibration_steps=500,
+        estimator_options=dict(r_range=(0.0, 0.75), n_bins=75, smearing=0.01),
+        progress=False,
+        plot_every=0,
+        seed=5,
     )
     trainer.fit()
     sigma = trainer.table.pair_potentials[0].sigma.item()

@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 
 import numpy as np
-import torch  # noqa: F401  (load libtorch before OpenMM's plugins)
 import openmm
 from openmm import unit
 

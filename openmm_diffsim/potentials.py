@@ -300,13 +300,33 @@ class CubicSpline(PairPotential):
         # A frozen spline (e.g. a tabulated network with thousands of knots)
         # keeps its second derivatives instead of a K x K product per call.
         self.register_buffer("frozen_second_derivatives", torch.mv(self.second_derivative_map, values_t))
+        # Frozen splines on uniform knots (the production form of any potential,
+        # see `tabulate`) evaluate from per-interval cubic coefficients: one
+        # gather of a (K-1, 4) table instead of four.
+        self.register_buffer(
+            "frozen_coefficients", self._interval_coefficients(values_t, self.frozen_second_derivatives)
+        )
         spacing = np.diff(knots_np)
         self.uniform = bool(np.allclose(spacing, spacing[0], rtol=1e-10, atol=0.0))
         self.first_knot = float(knots_np[0])
         self.last_knot = float(knots_np[-1])
         self.spacing = float(spacing[0])
+        self.fast_path = self.uniform and not self.trainable
+
+    @torch.jit.unused
+    def _interval_coefficients(self, y: Tensor, m: Tensor) -> Tensor:
+        # u(t) = c0 + c1 t + c2 t^2 + c3 t^3 on each interval, t = (r - r_k)/h.
+        h = self.knots[1:] - self.knots[:-1]
+        h2 = h * h / 6.0
+        c0 = y[:-1]
+        c1 = (y[1:] - y[:-1]) - h2 * (2.0 * m[:-1] + m[1:])
+        c2 = 3.0 * h2 * m[:-1]
+        c3 = h2 * (m[1:] - m[:-1])
+        return torch.stack([c0, c1, c2, c3], dim=1).contiguous()
 
     def energy_and_derivative(self, r: Tensor) -> Tuple[Tensor, Tensor]:
+        if self.fast_path:
+            return self._frozen_uniform(r)
         knots = self.knots.to(r.dtype)
         y = self.values.to(r.dtype)
         if self.trainable:
@@ -338,6 +358,20 @@ class CubicSpline(PairPotential):
         # Linear continuation outside the knot range.
         u = u + du * (r - rc)
         return u, du
+
+    def _frozen_uniform(self, r: Tensor) -> Tuple[Tensor, Tensor]:
+        rc = torch.clamp(r, self.first_knot, self.last_knot)
+        x = (rc - self.first_knot) * (1.0 / self.spacing)
+        k = torch.clamp(torch.floor(x).long(), 0, self.frozen_coefficients.shape[0] - 1)
+        t = x - k.to(r.dtype)
+        c = self.frozen_coefficients.to(r.dtype).index_select(0, k)
+        c0 = c[:, 0]
+        c1 = c[:, 1]
+        c2 = c[:, 2]
+        c3 = c[:, 3]
+        u = c0 + t * (c1 + t * (c2 + t * c3))
+        du = (c1 + t * (2.0 * c2 + 3.0 * t * c3)) * (1.0 / self.spacing)
+        return u + du * (r - rc), du
 
 
 def _natural_spline_matrix(knots: np.ndarray) -> np.ndarray:
@@ -522,12 +556,11 @@ class PairTable(nn.Module):
         self.cutoff = cutoff
         self.cutoff_mode = cutoff_mode
         self.switch_distance = float(switch_distance)
-        self.pair_names: List[str] = []
         keys: List[PairKey] = []
         for a in range(len(species)):
             for b in range(a, len(species)):
                 keys.append((species[a], species[b]))
-                self.pair_names.append(f"{species[a]}-{species[b]}")
+        self.pair_names = [f"{a}-{b}" for a, b in keys]
         type_matrix = torch.zeros(len(species), len(species), dtype=torch.long)
         for k, (a, b) in enumerate(keys):
             ia, ib = species.index(a), species.index(b)

@@ -646,9 +646,12 @@ class Sampler:
 
     def _build_force(self, table: PairTable):
         if self.backend == "torch":
-            from .torchforce import _import_openmmtorch, script_energy_module
+            from .torchforce import _has_network, _import_openmmtorch, script_energy_module
 
             openmmtorch = _import_openmmtorch()
+            if _has_network(table):
+                # As create_torch_force(tabulate="auto"): the network as a fine spline.
+                table = table.tabulated()
             signature = _structure_signature(table)
             if self._scripted is not None and signature == self._signature:
                 # Same structure: copy parameter values into the scripted module

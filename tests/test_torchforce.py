@@ -24,7 +24,13 @@ from openmm_diffsim import (
     Yukawa,
     create_system,
 )
-from openmm_diffsim.torchforce import _import_openmm, _import_openmmtorch, script_energy_module, species_indices
+from openmm_diffsim.torchforce import (
+    _import_openmm,
+    _import_openmmtorch,
+    create_torch_force,
+    script_energy_module,
+    species_indices,
+)
 
 openmm = _import_openmm()
 _import_openmmtorch()
@@ -314,3 +320,41 @@ def test_nan_positions_raise_in_module_and_context():
     context.setPositions(bad)
     with pytest.raises(openmm.OpenMMException, match="NaN"):
         context.getState(getEnergy=True)
+
+
+def test_neural_potential_runs_tabulated_in_torchforce_and_matches_network():
+    import openmm
+
+    from openmm_diffsim.energy import potential_energy
+    from openmm_diffsim.potentials import NeuralCorrection, PotentialSum, SoftSphere
+
+    torch.manual_seed(0)
+    network = NeuralCorrection(0.9, n_basis=16, hidden=(16,), seed=4)
+    with torch.no_grad():
+        network.layers[-1].weight.mul_(100.0)  # a correction of a few kJ/mol, not ~0
+    table = PairTable(["A"], PotentialSum([SoftSphere(0.3, 1.0, 12), network]), cutoff=0.9, cutoff_mode="shift")
+    n, box = 120, 2.2
+    rng = np.random.default_rng(3)
+    grid = np.stack(np.meshgrid(*[np.arange(5)] * 3, indexing="ij"), -1).reshape(-1, 3)[:n]
+    positions = grid * (box / 5) + rng.normal(scale=0.02, size=(n, 3))
+    force = create_torch_force(table, ["A"] * n)
+    system = openmm.System()
+    for _ in range(n):
+        system.addParticle(40.0)
+    system.setDefaultPeriodicBoxVectors(*(openmm.Vec3(*row) for row in np.eye(3) * box))
+    system.addForce(force)
+    context = openmm.Context(system, openmm.VerletIntegrator(0.001), openmm.Platform.getPlatformByName("Reference"))
+    context.setPositions(positions)
+    energy = context.getState(getEnergy=True).getPotentialEnergy().value_in_unit_system(openmm.unit.md_unit_system)
+    exact = float(
+        potential_energy(
+            table,
+            torch.as_tensor(positions),
+            torch.full((3,), box, dtype=torch.float64),
+            torch.zeros(n, dtype=torch.long),
+        ).detach()
+    )
+    assert abs(exact) > 1.0
+    assert energy == pytest.approx(exact, rel=1e-6)
+    with pytest.raises(ValueError, match="tabulate"):
+        create_torch_force(table, ["A"] * n, tabulate="sometimes")

@@ -504,6 +504,54 @@ class ReweightingEstimator:
             {t.key: g_model[k].detach().numpy().copy() for k, t in enumerate(targets_prepared)},
         )
 
+    def residuals(self, table: PairTable, state, targets, loss_weight: float = 1.0) -> Tuple[Tensor, float]:
+        """Residual vector ρ(θ) of the reweighted loss, with ``ρ·ρ`` equal to the loss.
+
+        Differentiable with respect to the table's parameters; uses the data
+        precomputed at the last :meth:`reset` (call the estimator or ``reset``
+        first). For Gauss–Newton steps: the Jacobian of ρ is
+        ``-β cov(observable, ∂U/∂θ)``, the inverse Monte Carlo matrix.
+
+        Returns
+        -------
+        rho : Tensor, shape (M,)
+            Weighted RDF differences (and the pressure difference if used).
+        n_eff_fraction : float
+            N_eff / N of the reweighting weights at the current parameters.
+        """
+        if self._snapshots is None:
+            raise RuntimeError("call reset(table, snapshots) or the estimator first")
+        beta = float(state.beta)
+        targets_prepared = _prepare_targets(table, targets, self.r, self.target_outside)
+        rows = [t.row for t in targets_prepared]
+        use_pressure = self.pressure_weight > 0
+        if use_pressure and getattr(state, "pressure", None) is None:
+            raise ValueError(f"pressure_weight > 0 but state {state.name!r} has no target pressure")
+        scale = float(state.weight) * float(loss_weight)
+        if self.method_used == "histogram":
+            energy, virial = self._histogram_energy_and_virial(table, use_pressure)
+        else:
+            energy, virial = self._exact_energy_and_virial(table, use_pressure)
+        weights = torch.softmax(-beta * (energy - self._reference_energy), 0)
+        g_model = torch.einsum("s,stb->tb", weights, self._rdfs[:, rows])
+        parts = []
+        for k, t in enumerate(targets_prepared):
+            n_bins = t.g.shape[0]
+            if t.weights is None:
+                bin_weights = torch.full((n_bins,), 1.0 / n_bins, dtype=torch.float64)
+            else:
+                bin_weights = t.weights / t.weights.sum()
+            parts.append(torch.sqrt(scale * bin_weights) * (g_model[k] - t.g))
+        if use_pressure:
+            kinetic = self._n_particles / beta / self._volumes
+            per_snapshot = (kinetic - virial / (3.0 * self._volumes)) * BAR_PER_KJ_PER_MOL_NM3
+            pressure = (weights * per_snapshot).sum()
+            parts.append((math.sqrt(self.pressure_weight * scale) * (pressure - float(state.pressure))).reshape(1))
+        with torch.no_grad():
+            w = weights.detach()
+            n_eff = float(torch.exp(-(w * torch.log(torch.clamp(w, min=1e-300))).sum())) / w.shape[0]
+        return torch.cat(parts), n_eff
+
     def _reject(self, reason: str, diagnostics: Dict[str, Any]) -> EstimatorResult:
         if self.on_nonfinite == "raise":
             raise NonFiniteError(reason)

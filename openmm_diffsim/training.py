@@ -142,8 +142,11 @@ class Trainer:
         snapshots and reweighting while they stay usable.
     learning_rate : float
         Initial learning rate.
-    optimizer : {"adam", "sgd"}
-        Optimiser.
+    optimizer : {"adam", "sgd", "gauss-newton"}
+        Optimiser. ``gauss-newton`` (reweighting only) takes Levenberg–Marquardt
+        steps with the exact Jacobian of the reweighted RDFs (the inverse
+        Monte Carlo matrix) under an N_eff trust region; ``learning_rate`` is
+        then unused.
     max_epochs : int
         Number of optimiser steps.
     n_snapshots, snapshot_interval : int
@@ -239,8 +242,10 @@ class Trainer:
                         )
         if isinstance(estimator, str) and estimator not in ESTIMATORS:
             raise ValueError(f"estimator must be one of {ESTIMATORS} or an Estimator object, got {estimator!r}")
-        if optimizer not in ("adam", "sgd"):
-            raise ValueError(f"optimizer must be 'adam' or 'sgd', got {optimizer!r}")
+        if optimizer not in ("adam", "sgd", "gauss-newton"):
+            raise ValueError(f"optimizer must be 'adam', 'sgd' or 'gauss-newton', got {optimizer!r}")
+        if optimizer == "gauss-newton" and estimator != "reweighting":
+            raise ValueError("optimizer='gauss-newton' needs the 'reweighting' estimator (it uses its Jacobian)")
         if lr_schedule not in ("constant", "cosine"):
             raise ValueError(f"lr_schedule must be 'constant' or 'cosine', got {lr_schedule!r}")
         for name, value in (("learning_rate", learning_rate),):
@@ -301,6 +306,7 @@ class Trainer:
         self.snapshots: Dict[str, Any] = {}
         self._sampler_states: Dict[str, Dict[str, Any]] = {}
         self._initialised = False
+        self._lm_damping = 1.0
         self._build_estimators()
         self.optimizer = self._make_optimizer()
 
@@ -334,7 +340,9 @@ class Trainer:
 
     def _make_optimizer(self):
         groups = self._param_groups()
-        if self.options["optimizer"] == "adam":
+        if self.options["optimizer"] in ("adam", "gauss-newton"):
+            # Gauss-Newton steps are taken by the trainer; the Adam object only
+            # keeps checkpoints uniform.
             return torch.optim.Adam(groups, lr=self.learning_rate)
         return torch.optim.SGD(groups, lr=self.learning_rate, momentum=0.9)
 
@@ -467,7 +475,10 @@ class Trainer:
                 raise NonFiniteError("non-finite gradient")
         clip = self.options["clip_norm"]
         grad_norm = clip_gradients(self._trainable(), clip) if clip else _grad_norm(self._trainable())
-        self.optimizer.step()
+        if self.options["optimizer"] == "gauss-newton":
+            record["gauss_newton"] = self._gauss_newton_step()
+        else:
+            self.optimizer.step()
         for p in self._trainable():
             if not bool(torch.isfinite(p).all()):
                 raise NonFiniteError("optimiser step produced non-finite parameters")
@@ -480,6 +491,79 @@ class Trainer:
         record["epoch_seconds"] = time.perf_counter() - start
         self._last_results = results
         return record
+
+    def _residuals(self):
+        parts = []
+        n_eff = 1.0
+        for state in self.states:
+            rho, fraction = self.reweighting[state.name].residuals(self.table, state, state.targets, 1.0)
+            parts.append(rho)
+            n_eff = min(n_eff, fraction)
+        return torch.cat(parts), n_eff
+
+    def _gauss_newton_step(self) -> Dict[str, Any]:
+        """One Levenberg–Marquardt step on the reweighted residuals (inverse Monte Carlo).
+
+        The Jacobian of the reweighted RDFs is exact for the current snapshots;
+        a trial step is accepted when the reweighted loss drops and N_eff/N
+        stays above the estimator's threshold, otherwise the damping grows.
+        """
+        params = self._trainable()
+        with torch.enable_grad():
+            rho, _ = self._residuals()
+            rows = []
+            for k in range(rho.shape[0]):
+                grads = torch.autograd.grad(rho[k], params, retain_graph=True, allow_unused=True)
+                rows.append(
+                    torch.cat(
+                        [
+                            (g if g is not None else torch.zeros_like(p)).reshape(-1)
+                            for g, p in zip(grads, params, strict=True)
+                        ]
+                    )
+                )
+        jac = torch.stack(rows).detach()
+        rho = rho.detach()
+        loss0 = float(rho @ rho)
+        jtj = jac.T @ jac
+        jtr = jac.T @ rho
+        diag = torch.diagonal(jtj).clone()
+        diag = torch.clamp(diag, min=1e-12 * float(diag.max()) + 1e-300)
+        threshold = min(est.n_eff_threshold for est in self.reweighting.values())
+        damping = self._lm_damping
+        start = [p.detach().clone() for p in params]
+        accepted = False
+        loss1 = loss0
+        for _ in range(12):
+            step = -torch.linalg.solve(jtj + damping * torch.diag(diag), jtr)
+            offset = 0
+            with torch.no_grad():
+                for p, p0 in zip(params, start, strict=True):
+                    n = p.numel()
+                    p.copy_(p0 + step[offset : offset + n].reshape(p.shape).to(p.dtype))
+                    offset += n
+                trial, n_eff = self._residuals()
+            loss1 = float(trial @ trial)
+            if math.isfinite(loss1) and loss1 < loss0 and n_eff >= threshold:
+                accepted = True
+                damping = max(damping / 3.0, 1e-6)
+                break
+            damping *= 4.0
+        if not accepted:
+            with torch.no_grad():
+                for p, p0 in zip(params, start, strict=True):
+                    p.copy_(p0)
+        if not accepted or n_eff < 0.5 * (1.0 + threshold):
+            # The snapshots are (nearly) used up: sample afresh next epoch
+            # rather than creep along the trust-region boundary.
+            self.snapshots.clear()
+        self._lm_damping = damping
+        return {
+            "accepted": accepted,
+            "damping": damping,
+            "reweighted_loss_before": loss0,
+            "reweighted_loss_after": loss1,
+        }
 
     # -- main loop ----------------------------------------------------------------------
 

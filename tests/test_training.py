@@ -238,3 +238,53 @@ def test_reweighting_training_recovers_sigma(tmp_path):
     sigma = trainer.table.pair_potentials[0].sigma.item()
     assert abs(sigma - SIGMA) < 0.004
     assert trainer.history[-1]["loss"] < 0.2 * trainer.history[0]["loss"]
+
+
+def test_gauss_newton_steps_reduce_the_reweighted_loss(tmp_path):
+    trainer = quick_trainer(tmp_path, optimizer="gauss-newton", max_epochs=3, n_snapshots=12)
+    history = trainer.fit()
+    steps = [h["gauss_newton"] for h in history]
+    assert all(s["reweighted_loss_after"] <= s["reweighted_loss_before"] for s in steps)
+    assert any(s["accepted"] for s in steps)
+    accepted = [s for s in steps if s["accepted"]]
+    assert all(s["reweighted_loss_after"] < s["reweighted_loss_before"] for s in accepted)
+    with pytest.raises(ValueError, match="gauss-newton"):
+        Trainer(model_table(), [small_state()], "rollout", optimizer="gauss-newton")
+
+
+@pytest.mark.slow
+def test_gauss_newton_recovers_sigma_and_epsilon(tmp_path):
+    from openmm_diffsim.sampling import reference_rdfs
+
+    state = small_state()
+    r, g, _ = reference_rdfs(
+        state,
+        "lj-native",
+        sigma=SIGMA,
+        epsilon=EPSILON,
+        cutoff=CUTOFF,
+        n_snapshots=400,
+        interval=20,
+        equilibration=2000,
+        r_range=(0.0, 0.75),
+        n_bins=75,
+        smearing=0.01,
+        seed=11,
+    )
+    target = Target(r, g[0], pair=("Ar", "Ar"), state="gas")
+    trainer = Trainer(
+        model_table(0.32),
+        [small_state(target)],
+        "reweighting",
+        optimizer="gauss-newton",
+        max_epochs=12,
+        n_snapshots=40,
+        snapshot_interval=20,
+        equilibration_steps=500,
+        estimator_options=dict(r_range=(0.0, 0.75), n_bins=75, smearing=0.01),
+        progress=False,
+        plot_every=0,
+        seed=5,
+    )
+    trainer.fit()
+    assert abs(trainer.table.pair_potentials[0].sigma.item() - SIGMA) < 0.006

@@ -26,6 +26,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from .units import to_float
+
 __all__ = [
     "PairPotential",
     "LennardJones",
@@ -57,18 +59,8 @@ def _value(tensor: Tensor) -> float:
 
 
 def _as_float(value, name: str) -> float:
-    """Strip an ``openmm.unit`` quantity into OpenMM's default units (nm, kJ/mol)."""
-    if hasattr(value, "value_in_unit_system"):
-        from openmm import unit
-
-        value = value.value_in_unit_system(unit.md_unit_system)
-    try:
-        value = float(value)
-    except (TypeError, ValueError) as exc:
-        raise TypeError(f"{name} must be a number or an openmm.unit quantity, got {value!r}") from exc
-    if not math.isfinite(value):
-        raise ValueError(f"{name} must be finite, got {value}")
-    return value
+    """A finite float in OpenMM units from a number or ``openmm.unit`` quantity."""
+    return to_float(value, name)
 
 
 class PairPotential(nn.Module):

@@ -150,17 +150,20 @@ def evaluate_potential(table: PairTable, target, seed: int = 101, platform: Opti
     """Accuracy of a learned potential on the demo case.
 
     Returns a dict with ``rdf_rmse`` (learned potential re-simulated against the
-    target), ``noise_rmse`` (true potential re-simulated with another seed
-    against the target: the target's sampling noise), ``u_max_error_kT`` and
+    target), ``noise_rmse`` (true potential re-simulated with two other seeds
+    against the target, rms of the two: the target's sampling noise), ``u_max_error_kT`` and
     ``u_rms_error_kT`` (learned vs true u(r) where g_target > 0.1, after
     removing the mean offset), and the arrays behind them.
     """
     kT = demo_state().kT
     g_model = _rdf_of(table, seed, platform)
-    g_true = _rdf_of("lj-native", seed + 1, platform)
     g_target = np.asarray(target.g)
+    # The noise estimate from one re-simulation scatters by a factor ~2 between
+    # seeds (0.0025-0.0053 measured), so average two.
+    g_trues = [_rdf_of("lj-native", seed + k, platform) for k in (1, 2)]
+    g_true = g_trues[0]
     rmse = float(np.sqrt(np.mean((g_model - g_target) ** 2)))
-    noise = float(np.sqrt(np.mean((g_true - g_target) ** 2)))
+    noise = float(np.sqrt(np.mean([np.mean((g - g_target) ** 2) for g in g_trues])))
     r = np.asarray(target.r)
     region = (g_target > 0.1) & (r < CUTOFF)
     u_model, _ = table.evaluate(r[region])

@@ -156,6 +156,7 @@ def create_system(
     masses,
     box,
     skin: float = 0.1,
+    tabulate="auto",
 ):
     """An OpenMM ``System`` whose only force is ``table`` as a ``TorchForce``.
 
@@ -172,9 +173,11 @@ def create_system(
         Rectangular periodic box in nm.
     skin : float
         Verlet skin in nm.
+    tabulate : bool or "auto"
+        As for :func:`create_torch_force`.
     """
     system = create_base_system(len(species), masses, box, table.cutoff)
-    system.addForce(create_torch_force(table, species, skin=skin))
+    system.addForce(create_torch_force(table, species, skin=skin, tabulate=tabulate))
     return system
 
 

@@ -288,3 +288,28 @@ def test_gauss_newton_recovers_sigma_and_epsilon(tmp_path):
     )
     trainer.fit()
     assert abs(trainer.table.pair_potentials[0].sigma.item() - SIGMA) < 0.006
+
+
+@pytest.mark.parametrize("estimator", ["rollout", "adjoint", "hybrid"])
+def test_rollout_family_estimators_train_through_the_trainer(tmp_path, estimator):
+    options = dict(r_range=(0.0, 0.75), n_bins=75, smearing=0.01, n_steps=10, record_every=5, n_replicas=2)
+    trainer = Trainer(
+        model_table(),
+        [small_state()],
+        estimator,
+        output_dir=tmp_path,
+        learning_rate=0.01,
+        learning_rate_scales={"sigma": 0.2},
+        max_epochs=2,
+        n_snapshots=4,
+        snapshot_interval=10,
+        equilibration_steps=50,
+        estimator_options=options,
+        progress=False,
+        plot_every=0,
+        seed=2,
+    )
+    history = trainer.fit()
+    assert len(history) == 2 and all(np.isfinite(h["loss"]) for h in history)
+    assert trainer.rollout_steps >= 10
+    assert trainer.table.pair_potentials[0].sigma.item() != pytest.approx(0.32, abs=1e-9)

@@ -46,9 +46,17 @@ def to_float(value, name: str, unit_name: str | None = None) -> float:
 
 def to_array(value, name: str, unit_name: str | None = None) -> np.ndarray:
     """A float64 array in OpenMM units from an array, list of Vec3 or Quantity."""
-    value = strip_unit(value, unit_name)
+    value = _strip_nested(value, unit_name)
     try:
         out = np.asarray(value, dtype=np.float64)
     except (TypeError, ValueError) as exc:
         raise TypeError(f"{name} must be numeric, got {type(value).__name__}") from exc
     return out
+
+
+def _strip_nested(value, unit_name: str | None):
+    """Strip units from a Quantity or from the items of (nested) lists and tuples of them."""
+    value = strip_unit(value, unit_name)
+    if isinstance(value, (list, tuple)):
+        return [_strip_nested(item, unit_name) for item in value]
+    return value

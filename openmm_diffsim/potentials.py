@@ -627,9 +627,20 @@ class PairTable(nn.Module):
         pair_type : Tensor, shape (P,) int64
             Pair-type index of each pair.
         """
+        u, du = self._within_cutoff(r, pair_type)
+        inside = r < self.cutoff
+        zero = torch.zeros_like(r)
+        return torch.where(inside, u, zero), torch.where(inside, du, zero)
+
+    def _within_cutoff(self, r: Tensor, pair_type: Tensor) -> Tuple[Tensor, Tensor]:
+        # u and du/dr with the shift or switch applied, valid for r < cutoff
+        # (callers that already selected such pairs skip the final mask).
         u, du = self._raw(r, pair_type)
         if self.cutoff_mode == "shift":
-            u = u - self._at_cutoff(r)[pair_type]
+            if self.n_pair_types == 1:
+                u = u - self._at_cutoff(r)
+            else:
+                u = u - self._at_cutoff(r)[pair_type]
         elif self.cutoff_mode == "switch":
             width = self.cutoff - self.switch_distance
             x = torch.clamp((r - self.switch_distance) / width, 0.0, 1.0)
@@ -637,9 +648,7 @@ class PairTable(nn.Module):
             ds = -30.0 * x * x * (1.0 - x) * (1.0 - x) / width
             du = du * s + u * ds
             u = u * s
-        inside = r < self.cutoff
-        zero = torch.zeros_like(r)
-        return torch.where(inside, u, zero), torch.where(inside, du, zero)
+        return u, du
 
     def forward(self, r: Tensor, pair_type: Tensor) -> Tensor:
         return self.energy_and_derivative(r, pair_type)[0]
@@ -673,7 +682,7 @@ class PairTable(nn.Module):
             pair_type = torch.zeros_like(pi)
         else:
             pair_type = self.pair_types(species.index_select(0, pi), species.index_select(0, pj))
-        u, du = self.energy_and_derivative(r, pair_type)
+        u, du = self._within_cutoff(r, pair_type)
         energy = u.sum()
         if not compute_forces:
             return energy, torch.zeros(0, 3, dtype=positions.dtype, device=positions.device)

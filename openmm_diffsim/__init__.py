@@ -36,6 +36,7 @@ _LAZY = {
     "ReweightingEstimator": "gradients",
     "RolloutEstimator": "gradients",
     "Trainer": "training",
+    "RDFReporter": "reporters",
 }
 
 

@@ -178,9 +178,7 @@ class RDFReporter:
         if self._species_given is not None:
             names = self._species_given
             if len(names) != n_system:
-                raise ValueError(
-                    f"RDFReporter: species lists {len(names)} particles but the System has {n_system}"
-                )
+                raise ValueError(f"RDFReporter: species lists {len(names)} particles but the System has {n_system}")
         else:
             names = []
             for atom in simulation.topology.atoms():

@@ -1,11 +1,11 @@
 """RDFReporter against the package's RDF function on the same frames."""
 
 import numpy as np
+import openmm
 import pytest
 import torch
 from openmm import app, unit
 
-import openmm
 from openmm_diffsim.observables import compute_partial_rdfs
 from openmm_diffsim.reporters import RDFReporter
 from openmm_diffsim.targets import read_target, read_targets_npz

@@ -1,5 +1,6 @@
 """Trainer: loop, rollback on blow-ups, atomic checkpoints, resume, initial guess."""
 
+import functools
 import json
 
 import numpy as np
@@ -24,6 +25,28 @@ def lj_rdf_target():
     table = od.PairTable(["Ar"], od.LennardJones(SIGMA, EPSILON), cutoff=CUTOFF, cutoff_mode="shift")
     u, _ = table.evaluate(np.maximum(r, 0.2))
     return Target(r, np.exp(-u / kT), pair=("Ar", "Ar"), state="gas")
+
+
+@functools.lru_cache(maxsize=1)
+def simulated_lj_target():
+    """RDF of the true LJ potential at the small state (simulated once per session)."""
+    from openmm_diffsim.sampling import reference_rdfs
+
+    r, g, _ = reference_rdfs(
+        small_state(),
+        "lj-native",
+        sigma=SIGMA,
+        epsilon=EPSILON,
+        cutoff=CUTOFF,
+        n_snapshots=400,
+        interval=20,
+        equilibration=2000,
+        r_range=(0.0, 0.75),
+        n_bins=75,
+        smearing=0.01,
+        seed=11,
+    )
+    return Target(r, g[0], pair=("Ar", "Ar"), state="gas")
 
 
 def small_state(target=None):
@@ -200,24 +223,7 @@ def test_boltzmann_inversion_recovers_dilute_potential():
 
 @pytest.mark.slow
 def test_reweighting_training_recovers_sigma(tmp_path):
-    from openmm_diffsim.sampling import reference_rdfs
-
-    state = small_state()
-    r, g, _ = reference_rdfs(
-        state,
-        "lj-native",
-        sigma=SIGMA,
-        epsilon=EPSILON,
-        cutoff=CUTOFF,
-        n_snapshots=400,
-        interval=20,
-        equilibration=2000,
-        r_range=(0.0, 0.75),
-        n_bins=75,
-        smearing=0.01,
-        seed=11,
-    )
-    target = Target(r, g[0], pair=("Ar", "Ar"), state="gas")
+    target = simulated_lj_target()
     trainer = Trainer(
         model_table(0.32),
         [small_state(target)],
@@ -254,24 +260,7 @@ def test_gauss_newton_steps_reduce_the_reweighted_loss(tmp_path):
 
 @pytest.mark.slow
 def test_gauss_newton_recovers_sigma_and_epsilon(tmp_path):
-    from openmm_diffsim.sampling import reference_rdfs
-
-    state = small_state()
-    r, g, _ = reference_rdfs(
-        state,
-        "lj-native",
-        sigma=SIGMA,
-        epsilon=EPSILON,
-        cutoff=CUTOFF,
-        n_snapshots=400,
-        interval=20,
-        equilibration=2000,
-        r_range=(0.0, 0.75),
-        n_bins=75,
-        smearing=0.01,
-        seed=11,
-    )
-    target = Target(r, g[0], pair=("Ar", "Ar"), state="gas")
+    target = simulated_lj_target()
     trainer = Trainer(
         model_table(0.32),
         [small_state(target)],

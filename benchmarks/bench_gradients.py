@@ -48,11 +48,9 @@ REFERENCE = {
 def fcc_positions(n: int, edge: float, seed: int = 0):
     import numpy as np
 
-    cells = int(np.ceil((n / 4) ** (1 / 3)))
-    base = np.array([[0, 0, 0], [0.5, 0.5, 0], [0.5, 0, 0.5], [0, 0.5, 0.5]])
-    grid = np.array([[i, j, k] for i in range(cells) for j in range(cells) for k in range(cells)])
-    sites = (grid[:, None, :] + base[None]).reshape(-1, 3)[:n] * (edge / cells)
-    return sites + np.random.default_rng(seed).normal(scale=0.005, size=sites.shape)
+    from openmm_diffsim.systems import lattice_positions
+
+    return lattice_positions(n, [edge] * 3, rng=np.random.default_rng(seed))
 
 
 def worker(n: int, dtype_name: str, method: str, threads: int) -> dict:

@@ -27,16 +27,10 @@ import numpy as np
 import openmm as mm
 
 from openmm_diffsim.observables import compute_rdf
+from openmm_diffsim.systems import lattice_positions
 
 SIGMA, EPSILON, MASS = 0.34, 0.996, 39.948
 KB = 8.31446261815324e-3
-
-
-def fcc_positions(n: int, box: float) -> np.ndarray:
-    cells = int(np.ceil((n / 4) ** (1 / 3)))
-    base = np.array([[0, 0, 0], [0.5, 0.5, 0], [0.5, 0, 0.5], [0, 0.5, 0.5]])
-    grid = np.array([[i, j, k] for i in range(cells) for j in range(cells) for k in range(cells)])
-    return (grid[:, None, :] + base[None]).reshape(-1, 3)[:n] * (box / cells)
 
 
 def lj_fluid_frames(n: int, frames: int, interval: int, equilibration: int, seed: int = 1):
@@ -55,7 +49,7 @@ def lj_fluid_frames(n: int, frames: int, interval: int, equilibration: int, seed
     integrator = mm.LangevinMiddleIntegrator(temperature, 5.0, 0.005)
     integrator.setRandomNumberSeed(seed)
     context = mm.Context(system, integrator, mm.Platform.getPlatformByName("CPU"))
-    context.setPositions(fcc_positions(n, box))
+    context.setPositions(lattice_positions(n, [box] * 3, rng=np.random.default_rng(seed)))
     context.setVelocitiesToTemperature(temperature, seed)
     integrator.step(equilibration)
     xyz = []

@@ -19,30 +19,18 @@ import openmm as mm
 import torch  # noqa: F401  (load libtorch before OpenMM's plugins)
 
 import openmm_diffsim as od
+from openmm_diffsim.sampling import create_native_lj_force
+from openmm_diffsim.systems import lattice_positions
+from openmm_diffsim.torchforce import create_base_system
 
 SIGMA, EPSILON, MASS, CUTOFF = 0.34, 0.996, 39.948, 1.0
 
 
-def fcc_positions(n: int, box: float, rng) -> np.ndarray:
-    cells = int(np.ceil((n / 4) ** (1 / 3)))
-    base = np.array([[0, 0, 0], [0.5, 0.5, 0], [0.5, 0, 0.5], [0, 0.5, 0.5]])
-    grid = np.array([[i, j, k] for i in range(cells) for j in range(cells) for k in range(cells)])
-    sites = (grid[:, None, :] + base[None]).reshape(-1, 3)[:n] * (box / cells)
-    return sites + rng.normal(scale=0.01, size=sites.shape)
-
-
 def native_system(n, box):
-    system = mm.System()
-    for _ in range(n):
-        system.addParticle(MASS)
-    system.setDefaultPeriodicBoxVectors(mm.Vec3(box, 0, 0), mm.Vec3(0, box, 0), mm.Vec3(0, 0, box))
-    nb = mm.NonbondedForce()
-    nb.setNonbondedMethod(mm.NonbondedForce.CutoffPeriodic)
-    nb.setCutoffDistance(CUTOFF)
-    nb.setUseDispersionCorrection(False)
-    for _ in range(n):
-        nb.addParticle(0.0, SIGMA, EPSILON)
-    system.addForce(nb)
+    """OpenMM's own NonbondedForce for the same LJ potential (the reference)."""
+    table = od.PairTable(["Ar"], od.LennardJones(SIGMA, EPSILON), cutoff=CUTOFF, cutoff_mode="truncate")
+    system = create_base_system(n, MASS, [box] * 3, CUTOFF)
+    system.addForce(create_native_lj_force(table, np.zeros(n, dtype=np.int64)))
     return system
 
 
@@ -92,7 +80,7 @@ def main():
     for n in args.sizes:
         density = 0.8 / SIGMA**3
         box = (n / density) ** (1 / 3)
-        positions = fcc_positions(n, box, rng)
+        positions = lattice_positions(n, [box] * 3, rng=rng)
         results = {}
         results["native NonbondedForce"] = steps_per_second(native_system(n, box), positions, args.steps)
         results["tabulated CustomNonbondedForce"] = steps_per_second(

@@ -809,8 +809,13 @@ def _adjoint(
                 with torch.enable_grad():
                     leaf = leaf.detach().requires_grad_(True)
                     obs = observable(leaf)
-            (frame_grad,) = torch.autograd.grad(obs, leaf, cotangent)
-            a_x = a_x + frame_grad
+            # The observable may depend on θ directly (e.g. the virial pressure
+            # through u'), not only through the positions.
+            frame_grads = torch.autograd.grad(obs, [leaf] + wanted, cotangent, allow_unused=True)
+            a_x = a_x + _or_zeros(frame_grads[0], leaf)
+            for k, g in enumerate(frame_grads[1:]):
+                if g is not None:
+                    grads[k] = g if grads[k] is None else grads[k] + g
         with torch.no_grad():
             x_prev, v_mid = integrator.undrift(x, v, engine.masses, step)
         stored = start if step == 0 else checkpoints.get(step)

@@ -30,7 +30,6 @@ see the same kernel.
 
 from __future__ import annotations
 
-import copy
 import math
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Protocol, Sequence, Tuple
@@ -578,48 +577,20 @@ class _FramePressure:
 
     ``P = N k T / V - Σ_pairs r u'(r) / (3 V)`` with the kinetic part from the
     state temperature, the convention of :class:`ReweightingEstimator`, so both
-    estimators fit the same quantity.
-
-    P depends on θ through the positions *and* directly through u'. With
-    backprop autograd sees both paths. The adjoint of
-    :func:`~openmm_diffsim.dynamics.rollout_gradient` backpropagates each
-    frame's observable to the positions only, so for the adjoint
-    (``direct=True``) this class evaluates P with a frozen copy of the table
-    when called with grad enabled (the adjoint's backward recomputation: the
-    position path) and, when called without grad (the adjoint's forward pass,
-    once per recorded frame), records ``∂P/∂θ`` at fixed positions; the
-    estimator adds that direct term to the adjoint gradient.
+    estimators fit the same quantity. P depends on θ through the positions and
+    directly through u'; both backprop and the adjoint see both paths.
     """
 
-    def __init__(self, table: PairTable, species: Tensor, lengths: Tensor, beta: float, parameters, direct: bool):
+    def __init__(self, table: PairTable, species: Tensor, lengths: Tensor, beta: float):
         self.table = table
         self.species = species
         self.lengths = lengths  # (3,) nm: a 1-D box is never mistaken for per-frame lengths
         volume = float(lengths.prod())
         self.kinetic = species.shape[0] / beta / volume * BAR_PER_KJ_PER_MOL_NM3
-        self.parameters = list(parameters)
-        self.frozen = copy.deepcopy(table).requires_grad_(False) if direct else None
-        self.direct_sum: List[Optional[Tensor]] = [None] * len(self.parameters)
-        self.direct_frames = 0
-
-    def _pressure(self, table: PairTable, frame: Tensor) -> Tensor:
-        conf = configurational_pressure(table, frame, self.lengths, self.species)  # (B,) bar, float64
-        return self.kinetic + conf.mean()
 
     def __call__(self, frame: Tensor) -> Tensor:
-        if self.frozen is None:
-            return self._pressure(self.table, frame)
-        if torch.is_grad_enabled():
-            return self._pressure(self.frozen, frame)
-        with torch.enable_grad():
-            pressure = self._pressure(self.table, frame.detach())
-            if self.parameters:
-                grads = torch.autograd.grad(pressure, self.parameters, allow_unused=True)
-                for k, g in enumerate(grads):
-                    if g is not None:
-                        self.direct_sum[k] = g if self.direct_sum[k] is None else self.direct_sum[k] + g
-        self.direct_frames += 1
-        return pressure.detach()
+        conf = configurational_pressure(self.table, frame, self.lengths, self.species)  # (B,) bar, float64
+        return self.kinetic + conf.mean()
 
 
 class RolloutEstimator:
@@ -769,7 +740,7 @@ class RolloutEstimator:
         parameters = [p for p in table.parameters() if p.requires_grad]
         pressure = None
         if use_pressure:
-            pressure = _FramePressure(table, species_t, box_lengths(box_t), state.beta, parameters, self.adjoint)
+            pressure = _FramePressure(table, species_t, box_lengths(box_t), state.beta)
         n_rdf = len(rows) * self.n_bins
 
         def rdfs(frame: Tensor) -> Tensor:
@@ -810,12 +781,7 @@ class RolloutEstimator:
                 method="adjoint" if self.adjoint else "backprop",
                 checkpoint_every=self.checkpoint_every,
             )
-            gradients = list(result.gradients)
-            if pressure is not None and pressure.frozen is not None:
-                gradients = self._add_direct_pressure_term(
-                    gradients, pressure, split(result.observable)[1], state, scale
-                )
-            grad_norm = _accumulate(parameters, gradients)
+            grad_norm = _accumulate(parameters, list(result.gradients))
         except NonFiniteError as exc:
             if self.on_nonfinite == "raise":
                 raise
@@ -837,20 +803,3 @@ class RolloutEstimator:
             self.r.copy(),
             {t.key: g_model[k].numpy().copy() for k, t in enumerate(targets_prepared)},
         )
-
-    def _add_direct_pressure_term(
-        self, gradients: List[Optional[Tensor]], pressure: _FramePressure, p_mean: Tensor, state, scale: float
-    ) -> List[Optional[Tensor]]:
-        """Adjoint: add ``dL/d⟨P⟩ · mean_frames ∂P/∂θ`` (fixed positions), which the adjoint does not see."""
-        n_frames = self.n_steps // self.record_every
-        if pressure.direct_frames != n_frames:
-            raise RuntimeError(
-                f"internal error: the pressure saw {pressure.direct_frames} forward frames, expected {n_frames}"
-            )
-        cotangent = 2.0 * self.pressure_weight * scale * (float(p_mean) - float(state.pressure)) / n_frames
-        out = []
-        for g, direct in zip(gradients, pressure.direct_sum, strict=True):
-            if direct is not None:
-                g = cotangent * direct if g is None else g + cotangent * direct
-            out.append(g)
-        return out

@@ -101,14 +101,7 @@ def plot_rdfs(
             raise ValueError(f"model RDF {label} has shape {g.shape} but r has shape {r.shape}")
     target_curves = {}
     for key, value in target.items():
-        try:
-            rt, gt = value
-        except (TypeError, ValueError) as exc:
-            raise ValueError(f"target[{key!r}] must be a pair (r, g)") from exc
-        rt, gt = _array(rt, f"target[{key!r}] r"), _array(gt, f"target[{key!r}] g")
-        if rt.shape != gt.shape:
-            raise ValueError(f"target {_pair_label(key)}: r has shape {rt.shape} but g has shape {gt.shape}")
-        target_curves[_pair_label(key)] = (rt, gt)
+        target_curves[_pair_label(key)] = _curve(value, f"target {_pair_label(key)}", ("r", "g"))
     labels = list(model_curves) + [k for k in target_curves if k not in model_curves]
     if not labels:
         raise ValueError("nothing to plot: model and target are both empty")
@@ -335,14 +328,7 @@ def plot_time_to_accuracy(
         raise ValueError("curves is empty: nothing to plot")
     parsed = {}
     for method, value in curves.items():
-        try:
-            x, y = value
-        except (TypeError, ValueError) as exc:
-            raise ValueError(f"curves[{method!r}] must be a pair (x, y)") from exc
-        x, y = _array(x, f"curves[{method!r}] x"), _array(y, f"curves[{method!r}] y")
-        if x.shape != y.shape:
-            raise ValueError(f"curves[{method!r}]: x has shape {x.shape} but y has shape {y.shape}")
-        parsed[str(method)] = (x, y)
+        parsed[str(method)] = _curve(value, f"curves[{method!r}]", ("x", "y"))
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(5.5, 4.0))
     for method, (x, y) in parsed.items():
@@ -360,3 +346,15 @@ def plot_time_to_accuracy(
         ax.set_title(title)
     fig.tight_layout()
     return _save(fig, path)
+
+
+def _curve(value, where: str, names=("x", "y")):
+    """A pair of equal-shape 1-D arrays from ``value``; errors name ``where``."""
+    try:
+        x, y = value
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"{where} must be a pair ({names[0]}, {names[1]})") from exc
+    x, y = _array(x, f"{where} {names[0]}"), _array(y, f"{where} {names[1]}")
+    if x.shape != y.shape:
+        raise ValueError(f"{where}: {names[0]} has shape {x.shape} but {names[1]} has shape {y.shape}")
+    return x, y

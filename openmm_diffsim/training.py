@@ -432,11 +432,14 @@ class Trainer:
                 result = self.rollout(self.table, state, snapshots, state.targets, loss_weight=state.weight)
                 return result, resampled
         snapshots = self.snapshots[state.name]
+        # Other states' gradients are already accumulated: keep them if this
+        # state's estimate has to be discarded.
+        before = [None if p.grad is None else p.grad.clone() for p in self._trainable()]
         result = reweighting(self.table, state, snapshots, state.targets, loss_weight=state.weight)
         if result.diagnostics.get("needs_resample") and not resampled:
             # Too few effective samples: discard this estimate and sample afresh.
-            for p in self._trainable():
-                p.grad = None if p.grad is None else p.grad.zero_()
+            for p, g in zip(self._trainable(), before, strict=True):
+                p.grad = g
             return self._state_gradient(state, True)
         return result, resampled
 
@@ -553,6 +556,9 @@ class Trainer:
             with torch.no_grad():
                 for p, p0 in zip(params, start, strict=True):
                     p.copy_(p0)
+            # New snapshots come next: the damping that failed on these says
+            # little about them (left large, it would freeze the parameters).
+            damping = 1.0
         if not accepted or n_eff < 0.5 * (1.0 + threshold):
             # The snapshots are (nearly) used up: sample afresh next epoch
             # rather than creep along the trust-region boundary.

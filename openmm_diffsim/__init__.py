@@ -37,6 +37,7 @@ _LAZY = {
     "RolloutEstimator": "gradients",
     "Trainer": "training",
     "RDFReporter": "reporters",
+    "add_pair_potential": "openmm_systems",
 }
 
 

@@ -13,6 +13,12 @@ Bad input (a malformed configuration, a missing file, an impossible option)
 prints ``openmm-diffsim: error: <message>`` to stderr and exits with status 2,
 without a traceback; ``--debug`` shows the traceback instead. Failures while
 running (e.g. a simulation that blows up) exit with status 1.
+
+``fit`` also runs on several processes, unchanged, under ``torchrun``
+(``torchrun --nproc-per-node K --no-python openmm-diffsim fit run.toml``):
+the state points are split between the processes and only rank 0 prints,
+writes and exports (see :mod:`openmm_diffsim.distributed`). Other
+subcommands launched that way run on rank 0 only.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -259,22 +266,41 @@ def _cmd_fit(args: argparse.Namespace) -> int:
         if args.max_epochs < 1:
             raise UsageError(f"--max-epochs must be at least 1, got {args.max_epochs}")
         config.trainer["max_epochs"] = args.max_epochs
+    from . import distributed
+
     if config.method == "ibi":
+        if distributed.launched_by_torchrun():
+            raise UsageError('training.method = "ibi" runs in one process: launch it without torchrun')
         return _run_ibi(config, args)
+    # Under torchrun: join the other processes (one process: nothing happens).
+    joined = distributed.is_distributed()  # a caller's group is used and left alone
+    distributed.init()
+    try:
+        return _fit_and_export(config, args)
+    finally:
+        if not joined:
+            distributed.shutdown()
+
+
+def _fit_and_export(config: RunConfig, args: argparse.Namespace) -> int:
+    from . import distributed
     from .training import Trainer
 
+    is_main = distributed.is_main_process()
     if args.resume:
         overrides = {} if args.max_epochs is None else {"max_epochs": args.max_epochs}
         trainer = Trainer.resume(config.output_dir, **overrides)
     else:
         pending = config.pending_reference_targets()
-        if pending:
+        if pending and is_main:
             print(f"simulating {len(pending)} reference target(s) (cached in {config.output_dir / 'targets'}) ...")
-        config.resolve_targets()
+        _resolve_targets(config)
         trainer = config.make_trainer()
     start = time.perf_counter()
     history = trainer.fit()
     elapsed = time.perf_counter() - start
+    if not is_main:
+        return 0  # rank 0 reports and exports
     if history:
         last = history[-1]
         print(f"finished {len(history)} epoch(s) in {elapsed:.1f} s; final loss {last.get('loss'):.4g}")
@@ -297,6 +323,29 @@ def _cmd_fit(args: argparse.Namespace) -> int:
             print(f"exported {fmt}: {', '.join(str(p) for p in written)}")
     print(f"results in {config.output_dir}")
     return 0
+
+
+def _resolve_targets(config: RunConfig) -> None:
+    """Simulate reference targets; with several processes rank 0 simulates and writes, the others read."""
+    from . import distributed
+
+    if not distributed.is_distributed():
+        config.resolve_targets()
+        return
+    failure = None
+    if distributed.is_main_process():
+        try:
+            config.resolve_targets()
+        except Exception as exc:
+            failure = exc
+    # Every rank waits for rank 0's cache and hears if it failed (no rank waits forever).
+    message = distributed.broadcast_object(None if failure is None else f"{type(failure).__name__}: {failure}")
+    if failure is not None:
+        raise failure
+    if message is not None:
+        raise RuntimeError(f"rank 0 could not prepare the reference targets: {message}")
+    if not distributed.is_main_process():
+        config.resolve_targets()  # reads rank 0's cached files
 
 
 def _default_export_name(fmt: str) -> str:
@@ -463,6 +512,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         max_epochs=getattr(args, "max_epochs", None),
         resume=getattr(args, "resume", False),
         pressure_weight=getattr(args, "pressure_weight", 0.0),
+        optimizer=getattr(args, "optimizer", None),
     )
     print(f"demo results in {args.output}")
     return 0
@@ -560,11 +610,21 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["reweighting", "rollout", "adjoint", "hybrid"],
         help="gradient estimator (default reweighting)",
     )
-    p.add_argument("--max-epochs", type=int, metavar="N", help="optimiser steps (default 150)")
+    p.add_argument(
+        "--optimizer",
+        choices=["imc", "gauss-newton", "adam", "sgd"],
+        help="default: imc (12 Newton steps) with reweighting, adam (150 steps) with the rollout family",
+    )
+    p.add_argument("--max-epochs", type=int, metavar="N", help="optimiser steps (default 12 with imc, else 150)")
     p.add_argument("--resume", action="store_true", help="continue from the output folder's checkpoint")
     p.add_argument("--pressure-weight", type=float, default=0.0, metavar="W", help="weight of the pressure term")
     p.set_defaults(func=_cmd_demo)
     return parser
+
+
+def _other_torchrun_rank() -> bool:
+    # From the environment alone: importing torch here would slow every command.
+    return os.environ.get("WORLD_SIZE", "1").strip() not in ("", "1") and os.environ.get("RANK", "0").strip() != "0"
 
 
 def _error(message: str) -> None:
@@ -581,6 +641,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.verbose:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     try:
+        if args.command != "fit" and _other_torchrun_rank():
+            return 0  # under torchrun only fit uses every process; rank 0 runs the rest
         return int(args.func(args) or 0)
     except (ConfigError, UsageError, FileNotFoundError, ValueError, TypeError, ImportError) as exc:
         if args.debug:

@@ -654,6 +654,9 @@ class RunConfig:
         The targets per state as written in the file.
     path : Path or None
         The configuration file.
+    ibi : dict
+        Keyword arguments for :class:`~openmm_diffsim.ibi.IBI` from ``[ibi]``
+        (``method = "ibi"`` only).
     """
 
     table: PairTable
@@ -664,6 +667,7 @@ class RunConfig:
     export: Dict[str, Any]
     target_specs: List[List[TargetSpec]] = field(default_factory=list)
     path: Optional[Path] = None
+    ibi: Dict[str, Any] = field(default_factory=dict)
 
     @property
     def sampler_options(self) -> Dict[str, Any]:
@@ -772,6 +776,9 @@ _TRAINING_KEYS = {
     "plateau_patience": dict(integer=True, positive=True),
     "seed": dict(integer=True),
     "max_retries": dict(integer=True, non_negative=True),
+    "imc_damping": dict(positive=True),
+    "max_potential_change": dict(positive=True),
+    "average_last": dict(integer=True, non_negative=True),
 }
 _SAMPLING_TRAINER_KEYS = {
     "n_snapshots": "n_snapshots",
@@ -810,6 +817,30 @@ def _estimator_options(section: Optional[_Section], method: str) -> Dict[str, An
     return options
 
 
+def _ibi_options(section: Optional[_Section], method: str) -> Dict[str, Any]:
+    """``[ibi]`` as keyword arguments of :class:`~openmm_diffsim.ibi.IBI`."""
+    if section is None:
+        return {}
+    if method != "ibi":
+        raise ConfigError(f'ibi: the [ibi] table only applies to method = "ibi" (training.method is {method!r})')
+    options: Dict[str, Any] = {}
+    for name in ("mixing", "g_min", "pressure_max_ramp", "pressure_factor"):
+        value = section.number(name, None, positive=True)
+        if value is not None:
+            options[name] = value
+    smoothing = section.number("smoothing", None, integer=True, non_negative=True)
+    if smoothing is not None:
+        options["smoothing"] = smoothing
+    max_update = section.number("max_update", None, non_negative=True)
+    if max_update is not None:
+        options["max_update"] = max_update if max_update > 0 else None  # 0: no cap
+    pressure = section.boolean("pressure_correction", None)
+    if pressure is not None:
+        options["pressure_correction"] = pressure
+    section.finish()
+    return options
+
+
 def _estimator_parameters(method: str) -> Optional[set]:
     """Keyword names the method's estimator accepts, or None if that cannot be told here."""
     import inspect
@@ -824,6 +855,9 @@ def _estimator_parameters(method: str) -> Optional[set]:
         "adjoint": ["RolloutEstimator"],
         "hybrid": ["ReweightingEstimator", "RolloutEstimator"],
     }.get(method, [])
+    if method == "ibi":
+        # IBI computes g(r) with the estimators' grid (openmm_diffsim.ibi.IBI).
+        return {"r_range", "n_bins", "smearing", "target_outside"}
     names: set = set()
     for class_name in classes:
         cls = getattr(gradients, class_name, None)
@@ -887,7 +921,10 @@ def parse_config(
         value = training.number(name, None, **checks)
         if value is not None:
             trainer[name] = value
-    for name, choices in (("optimizer", ("adam", "sgd")), ("lr_schedule", ("constant", "cosine"))):
+    for name, choices in (
+        ("optimizer", ("adam", "sgd", "gauss-newton", "imc")),
+        ("lr_schedule", ("constant", "cosine")),
+    ):
         value = training.string(name, None, choices=choices)
         if value is not None:
             trainer[name] = value
@@ -896,6 +933,7 @@ def parse_config(
         if value is not None:
             trainer[name] = value
     training.finish()
+    ibi_options = _ibi_options(root.section("ibi", None), method)
     if _uses_boltzmann_initial(potential_spec):
         if trainer.get("boltzmann_initial_guess") is False:
             raise ConfigError(
@@ -988,6 +1026,7 @@ def parse_config(
         output_dir=output_dir,
         export=export,
         target_specs=target_specs,
+        ibi=ibi_options,
     )
 
 
@@ -1091,7 +1130,10 @@ reference = { type = "lennard-jones", sigma = 0.34, epsilon = 0.996 }
 [training]
 method = "reweighting"       # reweighting | rollout | adjoint | hybrid | ibi
 learning_rate = 0.01
-optimizer = "adam"           # "adam" or "sgd"
+optimizer = "adam"           # "adam" | "sgd" | "imc" | "gauss-newton" (the last two: reweighting only)
+# imc_damping = 0.01         # imc: damping of the Newton step (relative to diag of J^T J)
+# max_potential_change = 0.5 # imc: largest change of u(r) per step, kT
+# average_last = 4           # final potential = mean of the last 4 iterates
 # lr_schedule = "constant"   # or "cosine"
 max_epochs = 50
 # clip_norm = 10.0           # clip the gradient norm

@@ -228,6 +228,29 @@ def _check_grid(r_range, n_bins, smearing) -> Tuple[Tuple[float, float], int, fl
     return (float(edges[0]), float(edges[-1])), int(edges.shape[0] - 1), smearing
 
 
+def _excluded_keys(state, n_particles: int) -> Optional[Tensor]:
+    """Pairs the state's pair force skips, as keys ``i * N + j`` (i < j), or None.
+
+    A :class:`~openmm_diffsim.openmm_systems.SimulationStatePoint` (a user's
+    System) lists them in ``state.exclusions``, shape (E, 2), local indices.
+    """
+    pairs = getattr(state, "exclusions", None)
+    if pairs is None or len(pairs) == 0:
+        return None
+    pairs = torch.as_tensor(np.asarray(pairs, dtype=np.int64)).reshape(-1, 2)
+    if int(pairs.min()) < 0 or int(pairs.max()) >= n_particles:
+        raise ValueError(f"state {state.name!r}: exclusions must be particle indices in 0..{n_particles - 1}")
+    return torch.unique(torch.minimum(pairs[:, 0], pairs[:, 1]) * n_particles + torch.maximum(pairs[:, 0], pairs[:, 1]))
+
+
+def _check_pressure_state(state) -> None:
+    if getattr(state, "system_atoms", None) is not None:
+        raise ValueError(
+            f"state {state.name!r} is a user's Simulation: its pressure involves the System's other forces, "
+            "which the estimator does not see; use pressure_weight=0"
+        )
+
+
 # -- reweighting -----------------------------------------------------------------------------
 
 
@@ -268,6 +291,14 @@ class ReweightingEstimator:
     u'(r_k+1)``; summed per snapshot and pair type these give
     ``U(x) = Σ_k W0_k u(r_k) + W1_k u'(r_k)`` with error ~ h^4 u''''/384 per
     pair (h = node spacing). The same weights give the virial with ``r u'``.
+
+    A state from a user's ``Simulation``
+    (:class:`~openmm_diffsim.openmm_systems.SimulationStatePoint`) lists the
+    pairs its force skips (``state.exclusions``, e.g. bonded neighbours):
+    energies leave them out, exactly as the force does, while the RDFs count
+    every pair of the selected particles, as the target recorded by
+    :class:`~openmm_diffsim.reporters.RDFReporter` does. The System's other
+    forces are fixed and cancel in the weights.
     """
 
     def __init__(
@@ -334,6 +365,7 @@ class ReweightingEstimator:
         species = torch.as_tensor(_particle_species(table, state))
         if species.shape[0] != n_particles:
             raise ValueError(f"state {state.name!r} has {species.shape[0]} particles but snapshots have {n_particles}")
+        excluded = _excluded_keys(state, n_particles)
 
         n_types = table.n_pair_types
         # Put a node exactly on the cutoff: u may jump there (truncation).
@@ -351,6 +383,11 @@ class ReweightingEstimator:
             for s in range(n_frames):
                 x = positions[s]
                 i, j = neighbor_pairs(x, lengths[s], table.cutoff)
+                if excluded is not None:
+                    # Pairs the force skips (e.g. bonded neighbours) carry no pair energy;
+                    # the RDFs below still count them, as the target's do.
+                    keep = ~torch.isin(i * n_particles + j, excluded)
+                    i, j = i[keep], j[keep]
                 r = torch.sqrt((pair_displacements(x, i, j, lengths[s]) ** 2).sum(1))
                 types = table.pair_types(species[i], species[j])
                 exact[s] = table.energy_and_forces(x, lengths[s], species, i, j, False)[0]
@@ -448,6 +485,8 @@ class ReweightingEstimator:
         rows = [t.row for t in targets_prepared]
         parameters = [p for p in table.parameters() if p.requires_grad]
         use_pressure = self.pressure_weight > 0
+        if use_pressure:
+            _check_pressure_state(state)
         if use_pressure and getattr(state, "pressure", None) is None:
             raise ValueError(f"pressure_weight > 0 but state {state.name!r} has no target pressure")
         scale = float(state.weight) * float(loss_weight)
@@ -524,6 +563,8 @@ class ReweightingEstimator:
         targets_prepared = _prepare_targets(table, targets, self.r, self.target_outside)
         rows = [t.row for t in targets_prepared]
         use_pressure = self.pressure_weight > 0
+        if use_pressure:
+            _check_pressure_state(state)
         if use_pressure and getattr(state, "pressure", None) is None:
             raise ValueError(f"pressure_weight > 0 but state {state.name!r} has no target pressure")
         scale = float(state.weight) * float(loss_weight)
@@ -708,6 +749,11 @@ class RolloutEstimator:
         """Rollout RDF loss; adds its gradient to ``p.grad`` of ``table.parameters()``."""
         if not isinstance(table, PairTable):
             raise TypeError(f"table must be a PairTable, got {type(table).__name__}")
+        if getattr(state, "system_atoms", None) is not None:
+            raise ValueError(
+                f"state {state.name!r} samples a user's Simulation whose other forces (bonds, ...) torch "
+                "rollouts cannot integrate; use the reweighting estimator for it"
+            )
         use_pressure = self.pressure_weight > 0
         if use_pressure and getattr(state, "pressure", None) is None:
             raise ValueError(f"pressure_weight > 0 but state {state.name!r} has no target pressure")

@@ -25,6 +25,10 @@ Backends (how the pair potential enters OpenMM):
 
 ``"auto"`` picks per platform from :data:`DEFAULT_BACKEND` (measured with
 ``benchmarks/bench_sampling.py``).
+
+:meth:`Sampler.from_simulation` wraps a user's own ``openmm.app.Simulation``
+instead: the learned force is added for selected particles (with excluded
+pairs) next to the System's other forces, which stay fixed.
 """
 
 from __future__ import annotations
@@ -319,6 +323,10 @@ def create_tabulated_force(
     n_points: int = DEFAULT_TABLE_POINTS,
     r_min: Optional[float] = None,
     energy_cap: float = DEFAULT_TABLE_ENERGY_CAP,
+    *,
+    atoms=None,
+    n_particles: Optional[int] = None,
+    exclusions=None,
 ):
     """A ``CustomNonbondedForce`` that evaluates ``table`` from cubic-spline tables.
 
@@ -335,8 +343,9 @@ def create_tabulated_force(
     ----------
     table : PairTable
         The potential.
-    particle_species : array_like of int, shape (N,)
-        Species index (into ``table.species``) of every particle.
+    particle_species : array_like of int, shape (N,) (or (M,) with ``atoms``)
+        Species index (into ``table.species``) of every particle the
+        potential acts on.
     n_points : int
         Knots per pair type.
     r_min : float, optional
@@ -344,6 +353,14 @@ def create_tabulated_force(
         ``energy_cap`` for all pair types.
     energy_cap : float
         kJ/mol, see ``r_min``.
+    atoms : array_like of int, shape (M,), optional
+        System indices of the particles the potential acts on; with fewer
+        than ``n_particles`` an interaction group restricts the force to them.
+    n_particles : int, optional
+        Particles in the System (every one must be added to the force);
+        default ``len(particle_species)``.
+    exclusions : array_like of int, shape (E, 2), optional
+        Pairs of System indices that do not interact (``addExclusion``).
 
     Returns
     -------
@@ -386,8 +403,42 @@ def create_tabulated_force(
     force.setCutoffDistance(table.cutoff)
     force.setUseLongRangeCorrection(False)
     force.setUseSwitchingFunction(False)
-    for s in np.asarray(particle_species, dtype=np.int64):
+    particle_species = np.asarray(particle_species, dtype=np.int64).reshape(-1)
+    if atoms is None:
+        n_total = particle_species.size if n_particles is None else int(n_particles)
+        if n_total != particle_species.size:
+            raise ValueError(
+                f"particle_species lists {particle_species.size} particles but n_particles is {n_total}: give atoms"
+            )
+        atoms = np.arange(n_total)
+    else:
+        if n_particles is None:
+            raise ValueError("atoms needs n_particles (the number of particles in the System)")
+        n_total = int(n_particles)
+        atoms = np.asarray(atoms, dtype=np.int64).reshape(-1)
+        if atoms.size != particle_species.size:
+            raise ValueError(f"atoms lists {atoms.size} particles but particle_species {particle_species.size}")
+        if atoms.size and (atoms.min() < 0 or atoms.max() >= n_total or np.unique(atoms).size != atoms.size):
+            raise ValueError(f"atoms must be distinct particle indices in 0..{n_total - 1}")
+    # Every System particle must be in the force; those outside `atoms` get
+    # species 0 and are kept out by the interaction group.
+    all_species = np.zeros(n_total, dtype=np.int64)
+    all_species[atoms] = particle_species
+    for s in all_species:
         force.addParticle([float(s)])
+    if atoms.size < n_total:
+        selected = [int(a) for a in atoms]
+        force.addInteractionGroup(selected, selected)
+    if exclusions is not None:
+        pairs = np.asarray(exclusions, dtype=np.int64).reshape(-1, 2)
+        # OpenMM rejects a pair excluded twice.
+        pairs = np.unique(np.sort(pairs, axis=1), axis=0)
+        inside = np.zeros(n_total, dtype=bool)
+        inside[atoms] = True
+        for a, b in pairs:
+            if not (0 <= a < n_total and 0 <= b < n_total) or a == b or not (inside[a] and inside[b]):
+                raise ValueError(f"exclusion ({a}, {b}) must pair two distinct particles the potential acts on")
+            force.addExclusion(int(a), int(b))
     return force
 
 
@@ -453,6 +504,52 @@ def _structure_signature(table: PairTable):
     return tuple(parts)
 
 
+def _simulation_temperature(simulation, temperature) -> float:
+    """The sampling temperature of a user's Simulation (K), from its integrator or thermostat."""
+    openmm = _openmm()
+    found = None
+    integrator = simulation.integrator
+    if hasattr(integrator, "getTemperature"):
+        found = integrator.getTemperature()
+    else:
+        for force in simulation.system.getForces():
+            if isinstance(force, openmm.AndersenThermostat):
+                found = force.getDefaultTemperature()
+    found = None if found is None else to_float(found, "temperature", "kelvin")
+    if temperature is None:
+        if found is None:
+            raise ValueError(
+                f"cannot tell the temperature of the Simulation ({type(integrator).__name__} has none): "
+                "pass temperature= (K)"
+            )
+        return found
+    value = to_float(temperature, "temperature", "kelvin")
+    if found is not None and not math.isclose(value, found, rel_tol=1e-6):
+        raise ValueError(
+            f"temperature {value} K disagrees with the Simulation's {found} K: "
+            "reweighting needs the temperature that is sampled"
+        )
+    if not value > 0:
+        raise ValueError(f"temperature must be positive (K), got {value}")
+    return value
+
+
+def _choose_force_group(system, integrator, force_group) -> Tuple[int, Optional[set]]:
+    """(group of the learned force, groups whose energy is the learned force's alone or None)."""
+    openmm = _openmm()
+    from .openmm_systems import _free_force_group
+
+    used = {force.getForceGroup() for force in system.getForces()}
+    if force_group == "auto":
+        if isinstance(integrator, openmm.CustomIntegrator):
+            return 0, None if 0 in used else {0}
+        group = _free_force_group(system)
+        return (0, None) if group is None else (group, {group})
+    if isinstance(force_group, (int, np.integer)) and 0 <= int(force_group) <= 31:
+        return int(force_group), None if int(force_group) in used else {int(force_group)}
+    raise ValueError(f"force_group must be 'auto' or an integer in 0..31, got {force_group!r}")
+
+
 # -- the sampler -------------------------------------------------------------------------------------
 
 
@@ -509,6 +606,11 @@ class Sampler:
     last_handover_method : str
         ``"in place"`` (``updateParametersInContext``) or ``"rebuild"`` (new
         force, ``Context.reinitialize``) for the last hand-over.
+    n_system_particles : int
+        Particles in the OpenMM System (more than ``state.n_particles`` when
+        the potential acts on a selection, see :meth:`from_simulation`).
+    owns_simulation : bool
+        False for a user's Simulation wrapped by :meth:`from_simulation`.
     """
 
     def __init__(
@@ -556,6 +658,15 @@ class Sampler:
         self._table_species = _check_species(table, state)
         _check_cutoff(table, state.box_lengths, state.name)
         self._particle_species = self._table_species[state.particle_species()]
+        # The sampler's own System: the potential acts on every particle, no
+        # exclusions; from_simulation() sets these for a user's System.
+        self._atoms: Optional[np.ndarray] = None
+        self._exclusions: Optional[np.ndarray] = None
+        self.n_system_particles = state.n_particles
+        self._degrees_of_freedom = 3 * state.n_particles
+        self._force_group = 0
+        self._energy_groups: Optional[set] = None
+        self.owns_simulation = True
 
         if backend == "native":
             _lj_parameters(table)  # fail early with the reason
@@ -603,6 +714,213 @@ class Sampler:
             integrator,
         )
 
+    @classmethod
+    def from_simulation(
+        cls,
+        simulation,
+        table: PairTable,
+        *,
+        name: str = "simulation",
+        targets: Sequence = (),
+        weight: float = 1.0,
+        temperature=None,
+        species_from="name",
+        species_map=None,
+        atoms=None,
+        exclusions="bonds",
+        bond_cutoff: int = 1,
+        backend: str = "auto",
+        skin: float = 0.1,
+        table_points: int = DEFAULT_TABLE_POINTS,
+        force_group: Union[str, int] = "auto",
+        check_interval: int = 1000,
+        max_temperature_factor: float = 10.0,
+    ) -> Sampler:
+        """A sampler that runs a user's own ``openmm.app.Simulation`` with the learned pair potential.
+
+        The learned force is added to ``simulation.system`` (an earlier
+        openmm-diffsim pair force in it is replaced) for the selected
+        particles, with the excluded pairs, and the Context is reinitialised
+        keeping positions, velocities and box. Every other force, the
+        integrator and the reporters stay as the user made them; only the
+        pair potential changes when :meth:`update_potential` hands over new
+        parameters. The sampler's :attr:`state` is a
+        :class:`~openmm_diffsim.openmm_systems.SimulationStatePoint` describing
+        the selected particles, to be given to the
+        :class:`~openmm_diffsim.training.Trainer` with the sampler
+        (``Trainer(table, [sampler.state], samplers=[sampler])``).
+
+        Parameters
+        ----------
+        simulation : openmm.app.Simulation
+            The user's simulation; its System must be periodic (rectangular box).
+        table : PairTable
+            The pair potential to run (copied).
+        name : str
+            Name of the state point (logs, checkpoints, losses).
+        targets : sequence of Target
+            RDF targets of the selected particles' species pairs. Target and
+            model RDFs count every pair of selected particles, excluded
+            (bonded) pairs included, as :class:`~openmm_diffsim.reporters.RDFReporter` does.
+        weight : float
+            Weight of the state in the training loss.
+        temperature : float or Quantity, optional
+            K. Read from the integrator (or an ``AndersenThermostat``) when
+            not given; must agree with it when both are present.
+        species_from, species_map, atoms, exclusions, bond_cutoff
+            Which particles the potential acts on, their species and the
+            excluded pairs, as for
+            :func:`~openmm_diffsim.openmm_systems.add_pair_potential`.
+        backend : {"auto", "torch", "tabulated"}
+            How the potential enters OpenMM (module docstring); ``auto`` uses
+            :data:`DEFAULT_BACKEND` for the Simulation's platform.
+        skin, table_points, check_interval, max_temperature_factor
+            As for :class:`Sampler`.
+        force_group : "auto" or int
+            Force group of the learned force. ``"auto"`` takes a group no
+            other force uses (so snapshots record the learned force's energy
+            alone), except with a ``CustomIntegrator`` (e.g. multiple time
+            stepping, which integrates listed groups only), where group 0 is kept.
+
+        Returns
+        -------
+        Sampler
+            Whose :attr:`Snapshots.positions` hold the selected particles only
+            (System order), and whose ``potential_energies`` are those of the
+            learned force when it has a force group of its own (else the
+            total potential energy).
+
+        Raises
+        ------
+        ValueError
+            Non-periodic or triclinic box, cutoff above half the box,
+            particles without a species or with unknown species, an unknown
+            temperature, backend ``"native"``.
+        """
+        _openmm()  # fails early with an install hint
+        from openmm import app
+
+        from .openmm_systems import (
+            check_periodic_box,
+            degrees_of_freedom,
+            nonbonded_exclusion_conflict,
+            select_particles,
+            simulation_state_point,
+        )
+
+        if not isinstance(simulation, app.Simulation):
+            raise TypeError(f"simulation must be an openmm.app.Simulation, got {type(simulation).__name__}")
+        if not isinstance(table, PairTable):
+            raise TypeError(f"table must be a PairTable, got {type(table).__name__}")
+        if backend not in ("auto", "torch", "tabulated"):
+            raise ValueError(
+                f"backend must be 'auto', 'torch' or 'tabulated' for a user's Simulation, got {backend!r}"
+                + (" (the native NonbondedForce cannot be restricted to a selection)" if backend == "native" else "")
+            )
+        system, context, topology = simulation.system, simulation.context, simulation.topology
+        ours = [k for k, f in enumerate(system.getForces()) if f.getName() == _FORCE_NAME]
+        if len(ours) > 1:
+            raise ValueError(f"the System has {len(ours)} openmm-diffsim pair forces; keep at most one")
+        check_periodic_box(system, topology, table)
+        box = np.asarray(context.getState().getPeriodicBoxVectors(asNumpy=True)._value, dtype=np.float64)
+        lengths = np.diag(box).copy()
+        if np.any(np.abs(box - np.diag(lengths)) > 1e-9 * lengths.max()):
+            raise ValueError("triclinic boxes are not supported yet: the Context's box vectors must be diagonal")
+        _check_cutoff(table, lengths, name)
+        selection = select_particles(
+            topology,
+            table,
+            n_particles=system.getNumParticles(),
+            species_from=species_from,
+            species_map=species_map,
+            atoms=atoms,
+            exclusions=exclusions,
+            bond_cutoff=bond_cutoff,
+        )
+        masses = np.array([system.getParticleMass(k)._value for k in range(system.getNumParticles())])
+        state = simulation_state_point(
+            selection,
+            table,
+            topology,
+            masses,
+            lengths,
+            name=name,
+            temperature=_simulation_temperature(simulation, temperature),
+            targets=targets,
+            weight=weight,
+        )
+
+        self = cls.__new__(cls)
+        self.state = state
+        self.seed = None
+        self.skin = float(skin)
+        self.table_points = int(table_points)
+        self.check_interval = int(check_interval)
+        if self.check_interval < 1:
+            raise ValueError("check_interval must be at least 1")
+        self.max_temperature_factor = float(max_temperature_factor)
+        integrator = simulation.integrator
+        self.timestep = float(integrator.getStepSize()._value) if hasattr(integrator, "getStepSize") else math.nan
+        self.friction = float(integrator.getFriction()._value) if hasattr(integrator, "getFriction") else math.nan
+        self.integrator_name = type(integrator).__name__
+        self.table = copy.deepcopy(table)
+        self._table_species = _check_species(table, state)
+        self._particle_species = self._table_species[state.particle_species()]
+        self._atoms = selection.atoms
+        self._exclusions = selection.exclusions if len(selection.exclusions) else None
+        self.n_system_particles = selection.n_particles
+        self._degrees_of_freedom = degrees_of_freedom(system)
+        self.owns_simulation = False
+        self.platform_name = context.getPlatform().getName()
+        self.backend = DEFAULT_BACKEND.get(self.platform_name, "tabulated") if backend == "auto" else backend
+        if self.backend == "tabulated" and self.platform_name != "Reference":
+            conflict = nonbonded_exclusion_conflict(system, selection.exclusions)
+            if conflict is not None and backend == "auto":
+                logger.info("state %r: using the torch backend: %s", name, conflict)
+                self.backend = "torch"
+            elif conflict is not None:
+                raise ValueError(
+                    f"backend 'tabulated' adds a CustomNonbondedForce, and the {self.platform_name} platform needs "
+                    f"every nonbonded force of a System to exclude the same pairs: {conflict}. Use backend='torch' "
+                    "(or 'auto'), or give exclusions that match"
+                )
+        self._scripted = None
+        self._signature = None
+        self._table_r_min = None
+        if ours:
+            system.removeForce(ours[0])
+        self._force_group, self._energy_groups = _choose_force_group(system, integrator, force_group)
+        self.system = system
+        self.simulation = simulation
+        self.integrator = integrator
+        self.context = context
+        self._force_index = system.addForce(self._build_force(self.table))
+        context.reinitialize(preserveState=True)
+        self.total_steps = 0
+        self.last_handover_seconds = 0.0
+        self.last_handover_method = ""
+        logger.info(
+            "Sampler for a user's Simulation %r: %d of %d particles, %d excluded pairs, platform %s, backend %s",
+            name,
+            selection.n_selected,
+            selection.n_particles,
+            len(selection.exclusions),
+            self.platform_name,
+            self.backend,
+        )
+        return self
+
+    def _locate_force(self) -> int:
+        """Index of the learned force in the System (a user may have added or removed other forces)."""
+        if self.owns_simulation:
+            return self._force_index
+        ours = [k for k, f in enumerate(self.system.getForces()) if f.getName() == _FORCE_NAME]
+        if len(ours) != 1:
+            raise RuntimeError(
+                f"state {self.state.name!r}: expected one openmm-diffsim pair force in the System, found {len(ours)}"
+            )
+        return ours[0]
+
     # -- force construction and hand-over ---------------------------------------------------------
 
     def _create_simulation(self, platform_name: str, backend: str, platform_properties) -> None:
@@ -645,6 +963,12 @@ class Sampler:
         return worst if worst > 0 else None
 
     def _build_force(self, table: PairTable):
+        force = self._make_force(table)
+        force.setForceGroup(self._force_group)
+        return force
+
+    def _make_force(self, table: PairTable):
+        selection = dict(atoms=self._atoms, n_particles=self.n_system_particles, exclusions=self._exclusions)
         if self.backend == "torch":
             from .torchforce import _has_network, _import_openmmtorch, script_energy_module
 
@@ -658,7 +982,7 @@ class Sampler:
                 # instead of scripting again (saves most of the hand-over).
                 self._scripted.table.load_state_dict(table.state_dict())
             else:
-                self._scripted = script_energy_module(table, self._particle_species, skin=self.skin)
+                self._scripted = script_energy_module(table, self._particle_species, skin=self.skin, **selection)
                 self._signature = signature
             force = openmmtorch.TorchForce(self._scripted)
             force.setOutputsForces(True)
@@ -669,7 +993,9 @@ class Sampler:
         if self.backend == "tabulated":
             if self._table_r_min is None:
                 self._table_r_min = _table_grid_start(table, DEFAULT_TABLE_ENERGY_CAP)
-            return create_tabulated_force(table, self._particle_species, self.table_points, r_min=self._table_r_min)
+            return create_tabulated_force(
+                table, self._particle_species, self.table_points, r_min=self._table_r_min, **selection
+            )
         return create_native_lj_force(table, self._particle_species)
 
     def update_potential(self, table: PairTable) -> None:
@@ -694,6 +1020,7 @@ class Sampler:
             and np.array_equal(table_species, self._table_species)
         )
         new_table = copy.deepcopy(table)
+        self._force_index = self._locate_force()
         force = self.system.getForce(self._force_index)
         updated_in_place = False
         if same_layout and self.backend == "tabulated":
@@ -758,8 +1085,7 @@ class Sampler:
             raise self._fail(f"potential energy is {energy}")
         if not np.all(np.isfinite(positions)):
             raise self._fail("positions contain NaN or infinite values")
-        n = self.state.n_particles
-        kinetic_temperature = 2.0 * kinetic / (3.0 * n * self.state.kT / self.state.temperature)
+        kinetic_temperature = 2.0 * kinetic / (self._degrees_of_freedom * self.state.kT / self.state.temperature)
         if not math.isfinite(kinetic) or kinetic_temperature > self.max_temperature_factor * self.state.temperature:
             raise self._fail(
                 f"exploding: kinetic temperature {kinetic_temperature:.4g} K vs target {self.state.temperature:.4g} K "
@@ -816,8 +1142,15 @@ class Sampler:
         for f in range(n_snapshots):
             self._step(interval)
             state, energy, pos = self._checked_state()
+            v = state.getVelocities(asNumpy=True)._value
+            if self._atoms is not None:
+                pos, v = pos[self._atoms], np.asarray(v)[self._atoms]
+            if self._energy_groups is not None:
+                # Only the learned force's energy: the fixed forces cancel in reweighting.
+                pair_state = self.context.getState(getEnergy=True, groups=self._energy_groups)
+                energy = pair_state.getPotentialEnergy()._value
             positions[f] = pos
-            velocities[f] = state.getVelocities(asNumpy=True)._value
+            velocities[f] = v
             boxes[f] = state.getPeriodicBoxVectors(asNumpy=True)._value
             energies[f] = energy
             steps[f] = self.total_steps
@@ -827,13 +1160,13 @@ class Sampler:
 
     @property
     def positions(self) -> np.ndarray:
-        """Current positions, (N, 3) float64 nm."""
+        """Current positions of all System particles, (N, 3) float64 nm."""
         state = self.context.getState(getPositions=True)
         return np.array(state.getPositions(asNumpy=True)._value, dtype=np.float64)
 
     @property
     def velocities(self) -> np.ndarray:
-        """Current velocities, (N, 3) float64 nm/ps."""
+        """Current velocities of all System particles, (N, 3) float64 nm/ps."""
         state = self.context.getState(getVelocities=True)
         return np.array(state.getVelocities(asNumpy=True)._value, dtype=np.float64)
 
@@ -857,8 +1190,8 @@ class Sampler:
             _check_cutoff(self.table, np.diag(box), self.state.name)
             self.context.setPeriodicBoxVectors(*(openmm.Vec3(*row) for row in box))
         positions = to_array(positions, "positions", "nanometer")
-        if positions.shape != (self.state.n_particles, 3) or not np.all(np.isfinite(positions)):
-            raise ValueError(f"positions must be finite with shape ({self.state.n_particles}, 3)")
+        if positions.shape != (self.n_system_particles, 3) or not np.all(np.isfinite(positions)):
+            raise ValueError(f"positions must be finite with shape ({self.n_system_particles}, 3)")
         self.context.setPositions(positions)
         if velocities is not None:
             self.context.setVelocities(to_array(velocities, "velocities"))
@@ -868,6 +1201,52 @@ class Sampler:
             f"Sampler(state={self.state.name!r}, backend={self.backend!r}, platform={self.platform_name!r}, "
             f"integrator={self.integrator_name!r}, steps={self.total_steps})"
         )
+
+
+def _trainer_samplers(samplers, states, estimator) -> Dict[str, Sampler]:
+    """Check the pre-built samplers given to the Trainer; returns them keyed by state name."""
+    from .openmm_systems import SimulationStatePoint
+
+    by_name = {s.name: s for s in states}
+    if samplers is None:
+        samplers = {}
+    elif not hasattr(samplers, "items"):
+        listed = list(samplers)
+        for sampler in listed:
+            if not isinstance(sampler, Sampler):
+                raise TypeError(f"samplers must be Sampler objects, got {type(sampler).__name__}")
+        samplers = {sampler.state.name: sampler for sampler in listed}
+    checked: Dict[str, Sampler] = {}
+    for name, sampler in samplers.items():
+        if not isinstance(sampler, Sampler):
+            raise TypeError(f"samplers must be Sampler objects, got {type(sampler).__name__}")
+        if name not in by_name:
+            raise ValueError(f"sampler for {name!r} names no state point; states: {sorted(by_name)}")
+        if sampler.state is not by_name[name]:
+            raise ValueError(
+                f"the sampler for {name!r} samples a different state object: pass states=[sampler.state, ...]"
+            )
+        checked[name] = sampler
+    from .gradients import RolloutEstimator
+
+    if isinstance(estimator, str):
+        uses_rollouts = estimator in ("rollout", "adjoint", "hybrid")
+    else:
+        uses_rollouts = isinstance(estimator, RolloutEstimator)
+    for state in states:
+        if not isinstance(state, SimulationStatePoint):
+            continue
+        if state.name not in checked:
+            raise ValueError(
+                f"state {state.name!r} belongs to a user's Simulation: pass its sampler "
+                "(Trainer(..., samplers=[sampler]))"
+            )
+        if uses_rollouts:
+            raise ValueError(
+                f"state {state.name!r} is sampled by a user's Simulation, whose other forces (bonds, ...) the "
+                "torch rollouts cannot integrate: use the 'reweighting' estimator"
+            )
+    return checked
 
 
 # -- reference data -----------------------------------------------------------------------------------------

@@ -73,18 +73,33 @@ def species_indices(table: PairTable, species: Sequence[Union[str, int]]) -> np.
     return out
 
 
-def script_energy_module(table: PairTable, species, skin: float = 0.1) -> torch.jit.ScriptModule:
+def script_energy_module(
+    table: PairTable,
+    species,
+    skin: float = 0.1,
+    atoms=None,
+    n_particles: Optional[int] = None,
+    exclusions=None,
+) -> torch.jit.ScriptModule:
     """TorchScript-compile a :class:`~openmm_diffsim.energy.PairEnergy` for ``table``.
 
     Parameters are copied (detached) so later training does not alter the
-    scripted module.
+    scripted module. ``atoms``, ``n_particles`` and ``exclusions`` are passed
+    to :class:`~openmm_diffsim.energy.PairEnergy`.
     """
     import copy
 
     table_copy = copy.deepcopy(table)
     for p in table_copy.parameters():
         p.requires_grad_(False)
-    module = PairEnergy(table_copy, species_indices(table, species), skin=skin)
+    module = PairEnergy(
+        table_copy,
+        species_indices(table, species),
+        skin=skin,
+        atoms=atoms,
+        n_particles=n_particles,
+        exclusions=exclusions,
+    )
     return torch.jit.script(module)
 
 
@@ -95,6 +110,10 @@ def create_torch_force(
     path: Optional[str] = None,
     cuda_graphs: bool = False,
     tabulate: Union[bool, str] = "auto",
+    *,
+    atoms=None,
+    n_particles: Optional[int] = None,
+    exclusions=None,
 ):
     """An openmm-torch ``TorchForce`` evaluating ``table`` for the given particles.
 
@@ -102,7 +121,7 @@ def create_torch_force(
     ----------
     table : PairTable
         Pair potentials.
-    species : sequence of str or int, length N
+    species : sequence of str or int, length N (or M with ``atoms``)
         Species of each particle, by name or index.
     skin : float
         Verlet skin in nm.
@@ -119,6 +138,15 @@ def create_torch_force(
         Ask openmm-torch to capture the module in CUDA graphs on the CUDA
         platform. Off by default: the Verlet list is rebuilt on data-dependent
         steps and changes size, which a captured graph cannot follow.
+    atoms : sequence of int, length M, optional
+        System indices of the particles the potential acts on; the others feel
+        no force from it. Needs ``n_particles``.
+    n_particles : int, optional
+        Number of particles in the System (default: ``len(species)``).
+    exclusions : array_like of int, shape (E, 2), optional
+        Pairs of System indices that do not interact (e.g. bonded neighbours).
+        :func:`openmm_diffsim.openmm_systems.add_pair_potential` builds
+        ``atoms`` and ``exclusions`` from a ``Topology``.
 
     Returns
     -------
@@ -130,7 +158,9 @@ def create_torch_force(
         raise ValueError(f"tabulate must be True, False or 'auto', got {tabulate!r}")
     if tabulate is True or (tabulate == "auto" and _has_network(table)):
         table = table.tabulated()
-    module = script_energy_module(table, species, skin=skin)
+    module = script_energy_module(
+        table, species, skin=skin, atoms=atoms, n_particles=n_particles, exclusions=exclusions
+    )
     if path is not None:
         module.save(path)
         force = openmmtorch.TorchForce(path)

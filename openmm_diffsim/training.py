@@ -14,6 +14,12 @@ compositions), sharing the potential between them. Each epoch it
 A step that makes sampling or the loss non-finite is rolled back, the learning
 rate is reduced and the event is logged; a run killed at any point resumes from
 its last checkpoint with :meth:`Trainer.resume`.
+
+In a ``torch.distributed`` process group of several processes (``torchrun``,
+see :mod:`openmm_diffsim.distributed`) :meth:`Trainer.fit` splits the state
+points between the processes, sums their gradients and takes the same step
+everywhere; only rank 0 prints and writes. Every random stream is seeded per
+state, so the result equals one process's.
 """
 
 from __future__ import annotations
@@ -38,6 +44,7 @@ __all__ = ["Trainer", "TrainingError", "boltzmann_inversion", "fit_table_to_curv
 logger = logging.getLogger("openmm_diffsim.training")
 
 ESTIMATORS = ("reweighting", "rollout", "adjoint", "hybrid")
+OPTIMIZERS = ("adam", "sgd", "gauss-newton", "imc")
 CHECKPOINT_NAME = "checkpoint.pt"
 LOG_NAME = "log.jsonl"
 
@@ -142,11 +149,13 @@ class Trainer:
         snapshots and reweighting while they stay usable.
     learning_rate : float
         Initial learning rate.
-    optimizer : {"adam", "sgd", "gauss-newton"}
+    optimizer : {"adam", "sgd", "gauss-newton", "imc"}
         Optimiser. ``gauss-newton`` (reweighting only) takes Levenberg–Marquardt
         steps with the exact Jacobian of the reweighted RDFs (the inverse
-        Monte Carlo matrix) under an N_eff trust region; ``learning_rate`` is
-        then unused.
+        Monte Carlo matrix) under an N_eff trust region; ``imc`` (reweighting
+        only) takes one damped Newton step with that Jacobian per fresh sample,
+        capped in potential change (inverse Monte Carlo). Both ignore
+        ``learning_rate``.
     max_epochs : int
         Number of optimiser steps.
     n_snapshots, snapshot_interval : int
@@ -187,6 +196,23 @@ class Trainer:
         Consecutive rolled-back steps tolerated before giving up.
     callbacks : sequence of callables
         Called as ``callback(trainer, record)`` after every epoch.
+    samplers : mapping of state name to Sampler, or sequence of Sampler, optional
+        Pre-built samplers to use instead of building one per state, e.g.
+        :meth:`Sampler.from_simulation <openmm_diffsim.sampling.Sampler.from_simulation>`
+        on a user's own ``Simulation``; each must sample the very state object
+        in ``states`` (``states=[sampler.state]``). Only the pair potential is
+        trained; the Simulation's other forces stay fixed. Such states need
+        the ``reweighting`` estimator (torch rollouts cannot integrate the
+        other forces), and :meth:`resume` cannot rebuild them.
+    average_last : int
+        If > 1, the final parameters are the mean of the last ``average_last``
+        iterates (iterate averaging against the noise of the last steps).
+    imc_damping : float
+        ``optimizer="imc"``: Tikhonov damping λ of the Newton step, relative to
+        the diagonal of ``JᵀJ``; larger is steadier against sampling noise.
+    max_potential_change : float
+        ``optimizer="imc"``: the largest change of u(r) per step, in kT (of the
+        coldest state), where a target has g(r) > 0.05.
     """
 
     def __init__(
@@ -217,6 +243,10 @@ class Trainer:
         boltzmann_initial_guess: bool = False,
         max_retries: int = 5,
         callbacks: Sequence[Callable] = (),
+        samplers: Optional[Any] = None,
+        imc_damping: float = 0.01,
+        max_potential_change: float = 0.5,
+        average_last: int = 0,
     ):
         from .systems import StatePoint
 
@@ -242,10 +272,13 @@ class Trainer:
                         )
         if isinstance(estimator, str) and estimator not in ESTIMATORS:
             raise ValueError(f"estimator must be one of {ESTIMATORS} or an Estimator object, got {estimator!r}")
-        if optimizer not in ("adam", "sgd", "gauss-newton"):
-            raise ValueError(f"optimizer must be 'adam', 'sgd' or 'gauss-newton', got {optimizer!r}")
-        if optimizer == "gauss-newton" and estimator != "reweighting":
-            raise ValueError("optimizer='gauss-newton' needs the 'reweighting' estimator (it uses its Jacobian)")
+        if optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {optimizer!r}")
+        if optimizer in ("gauss-newton", "imc") and estimator != "reweighting":
+            raise ValueError(f"optimizer={optimizer!r} needs the 'reweighting' estimator (it uses its Jacobian)")
+        for name, value in (("imc_damping", imc_damping), ("max_potential_change", max_potential_change)):
+            if not (math.isfinite(float(value)) and float(value) > 0):
+                raise ValueError(f"{name} must be a positive number, got {value}")
         if lr_schedule not in ("constant", "cosine"):
             raise ValueError(f"lr_schedule must be 'constant' or 'cosine', got {lr_schedule!r}")
         for name, value in (("learning_rate", learning_rate),):
@@ -270,6 +303,9 @@ class Trainer:
         self.options: Dict[str, Any] = dict(
             learning_rate=float(learning_rate),
             optimizer=optimizer,
+            imc_damping=float(imc_damping),
+            max_potential_change=float(max_potential_change),
+            average_last=int(average_last),
             max_epochs=int(max_epochs),
             n_snapshots=int(n_snapshots),
             snapshot_interval=int(snapshot_interval),
@@ -293,7 +329,13 @@ class Trainer:
         )
         self.output_dir = Path(output_dir) if output_dir is not None else None
         self.callbacks = list(callbacks)
+        from .sampling import _trainer_samplers
+
+        # Not in self.options: a live Simulation is neither JSON nor checkpoint material.
+        self._given_samplers = _trainer_samplers(samplers, states, estimator)
         self.history: List[Dict[str, Any]] = []
+        self._recent_parameters: List[torch.Tensor] = []
+        self.averaged_epoch: Optional[int] = None
         self.epoch = 0
         self.md_steps = 0
         self.rollout_steps = 0
@@ -340,7 +382,7 @@ class Trainer:
 
     def _make_optimizer(self):
         groups = self._param_groups()
-        if self.options["optimizer"] in ("adam", "gauss-newton"):
+        if self.options["optimizer"] in ("adam", "gauss-newton", "imc"):
             # Gauss-Newton steps are taken by the trainer; the Adam object only
             # keeps checkpoints uniform.
             return torch.optim.Adam(groups, lr=self.learning_rate)
@@ -373,8 +415,20 @@ class Trainer:
             self.rollout = self._custom_estimator
         if name in ("reweighting", "hybrid"):
             self.reweighting = {s.name: ReweightingEstimator(**reweight_opts) for s in self.states}
+        self.rollouts: Dict[str, Any] = {}
         if name in ("rollout", "adjoint", "hybrid"):
-            self.rollout = RolloutEstimator(adjoint=(name == "adjoint"), **rollout_opts)
+            # One estimator (one random stream) per state, seeded like the
+            # samplers: a state's rollouts then do not depend on which other
+            # states ran before it, or on which process (distributed.py).
+            base_seed = int(rollout_opts.pop("seed"))
+            self.rollouts = {
+                s.name: RolloutEstimator(adjoint=(name == "adjoint"), seed=base_seed + 1000 * k, **rollout_opts)
+                for k, s in enumerate(self.states)
+            }
+            self.rollout = self.rollouts[self.states[0].name]
+
+    def _rollout_estimator(self, state):
+        return self.rollout if self._custom_estimator is not None else self.rollouts[state.name]
 
     # -- sampling -----------------------------------------------------------------------
 
@@ -384,10 +438,12 @@ class Trainer:
         sampler = self.samplers.get(state.name)
         if sampler is not None:
             return sampler
-        index = [s.name for s in self.states].index(state.name)
-        options = dict(self.options["sampler_options"])
         saved = self._sampler_states.get(state.name)
-        sampler = Sampler(state, self.table, seed=self.options["seed"] + 1000 * index + self.epoch, **options)
+        sampler = self._given_samplers.get(state.name)
+        if sampler is None:
+            index = [s.name for s in self.states].index(state.name)
+            options = dict(self.options["sampler_options"])
+            sampler = Sampler(state, self.table, seed=self.options["seed"] + 1000 * index + self.epoch, **options)
         if saved is not None:
             sampler.set_state(saved["positions"], saved["velocities"], saved["box"])
         else:
@@ -421,7 +477,8 @@ class Trainer:
         resampled = False
         if name in ("rollout", "adjoint") or self._custom_estimator is not None:
             snapshots = self._sample(state)
-            result = self.rollout(self.table, state, snapshots, state.targets, loss_weight=state.weight)
+            rollout = self._rollout_estimator(state)
+            result = rollout(self.table, state, snapshots, state.targets, loss_weight=state.weight)
             return result, True
         reweighting = self.reweighting[state.name]
         if fresh_needed or state.name not in self.snapshots:
@@ -429,7 +486,8 @@ class Trainer:
             reweighting.reset(self.table, snapshots)
             resampled = True
             if name == "hybrid":
-                result = self.rollout(self.table, state, snapshots, state.targets, loss_weight=state.weight)
+                rollout = self._rollout_estimator(state)
+                result = rollout(self.table, state, snapshots, state.targets, loss_weight=state.weight)
                 return result, resampled
         snapshots = self.snapshots[state.name]
         # Other states' gradients are already accumulated: keep them if this
@@ -459,7 +517,9 @@ class Trainer:
             "events": [],
         }
         results = {}
-        for state in self.states:
+        if self._dist is not None:
+            total, results = self._distributed_states(record)
+        for state in self.states if self._dist is None else ():
             result, resampled = self._state_gradient(state, fresh_needed=False)
             if result.diagnostics.get("rejected"):
                 raise NonFiniteError(f"state {state.name!r}: {result.diagnostics.get('reason', 'rejected')}")
@@ -471,6 +531,8 @@ class Trainer:
             record["rdf_rmse"][state.name] = dict(result.rdf_rmse)
             record["n_eff"][state.name] = result.diagnostics.get("n_eff_fraction")
             record["resampled"][state.name] = resampled
+            if result.diagnostics.get("pressure") is not None:
+                record.setdefault("pressure", {})[state.name] = float(result.diagnostics["pressure"])
             # Torch rollout steps are counted apart from OpenMM MD steps.
             self.rollout_steps += int(result.diagnostics.get("steps_run", 0) or 0)
         for p in self._trainable():
@@ -480,8 +542,16 @@ class Trainer:
         grad_norm = clip_gradients(self._trainable(), clip) if clip else _grad_norm(self._trainable())
         if self.options["optimizer"] == "gauss-newton":
             record["gauss_newton"] = self._gauss_newton_step()
+        elif self.options["optimizer"] == "imc":
+            record["imc"] = self._imc_step()
         else:
             self.optimizer.step()
+        if self._dist is not None:
+            from . import distributed
+
+            # Same gradients give the same step everywhere; rank 0's values
+            # settle any last-bit difference between machines.
+            distributed.broadcast_parameters(self._trainable())
         for p in self._trainable():
             if not bool(torch.isfinite(p).all()):
                 raise NonFiniteError("optimiser step produced non-finite parameters")
@@ -495,22 +565,176 @@ class Trainer:
         self._last_results = results
         return record
 
+    # -- several processes (see distributed.py) -------------------------------------------
+
+    # Set by fit(): None in one process, else {"rank", "world_size", "parts", "owner"}.
+    _dist: Optional[Dict[str, Any]] = None
+
+    def _setup_distributed(self) -> None:
+        from . import distributed
+
+        if not distributed.is_distributed():
+            self._dist = None
+            return
+        size = distributed.world_size()
+        parts = distributed.partition([distributed.state_cost(s) for s in self.states], size)
+        owner = {self.states[i].name: k for k, part in enumerate(parts) for i in part}
+        self._dist = {"rank": distributed.rank(), "world_size": size, "parts": parts, "owner": owner}
+        if size > len(self.states) and self._is_main():
+            logger.warning(
+                "%d processes for %d state point(s): ranks %d-%d hold no state and stay idle "
+                "(replicas of a state are not split between processes)",
+                size,
+                len(self.states),
+                len(self.states),
+                size - 1,
+            )
+        if self._custom_estimator is not None:
+            logger.warning(
+                "a custom estimator runs on %d processes: its results match one process only if its "
+                "randomness depends on the state, not on how many states it saw before",
+                size,
+            )
+
+    def _is_main(self) -> bool:
+        """Whether this process writes files and prints (rank 0, or the only process)."""
+        return self._dist is None or self._dist["rank"] == 0
+
+    def _gather_for_checkpoint(self) -> None:
+        """Give every rank the per-state data that only the state's owner has (for a complete checkpoint)."""
+        from . import distributed
+
+        if self._dist is None:
+            return
+        here = [s.name for s in self._states_here()]
+        mine = {
+            "sampler_states": {name: self._sampler_states[name] for name in here if name in self._sampler_states},
+            "rollout_calls": {name: self.rollouts[name].calls for name in here if name in self.rollouts},
+        }
+        for part in distributed.all_gather_objects(mine):
+            self._sampler_states.update(part["sampler_states"])
+            for name, calls in part["rollout_calls"].items():
+                self.rollouts[name].calls = calls
+
+    def _states_here(self) -> List[Any]:
+        """The state points this process samples (all of them in one process)."""
+        if self._dist is None:
+            return self.states
+        return [self.states[i] for i in self._dist["parts"][self._dist["rank"]]]
+
+    def _distributed_states(self, record: Dict[str, Any]):
+        """This rank's states, then one exchange: losses, records, step counts, failures, gradients.
+
+        Returns the total loss and the results of all states, both as one
+        process would have them. A failure on any rank raises the same error
+        on every rank (the first failing state in state order wins, as in one
+        process), so all ranks roll back together and none waits forever.
+        """
+        from . import distributed
+        from .gradients import NonFiniteError
+        from .sampling import SamplingError
+
+        index = {s.name: k for k, s in enumerate(self.states)}
+        calls_before = {name: getattr(est, "calls", None) for name, est in self.rollouts.items()}
+        start = time.perf_counter()
+        done = []  # (state index, result, resampled, MD steps, rollout steps)
+        failure = None  # (state index, kind, message, extra, exception)
+        for state in self._states_here():
+            k = index[state.name]
+            md_before = self.md_steps
+            try:
+                result, resampled = self._state_gradient(state, fresh_needed=False)
+                if result.diagnostics.get("rejected"):
+                    raise NonFiniteError(f"state {state.name!r}: {result.diagnostics.get('reason', 'rejected')}")
+                if not math.isfinite(result.loss):
+                    raise NonFiniteError(f"state {state.name!r}: loss is not finite")
+            except SamplingError as exc:
+                failure = (k, "sampling", str(exc), (exc.state_name, exc.step, exc.reason), exc)
+            except (NonFiniteError, FloatingPointError) as exc:
+                failure = (k, type(exc).__name__, str(exc), None, exc)
+            except Exception as exc:  # noqa: BLE001 - every rank must hear of it, or the others hang
+                failure = (k, "fatal", f"{type(exc).__name__}: {exc}", None, exc)
+            steps = self.md_steps - md_before
+            self.md_steps = md_before
+            if failure is not None:
+                done.append((k, None, False, steps, 0))
+                break
+            done.append((k, result, resampled, steps, int(result.diagnostics.get("steps_run", 0) or 0)))
+        seconds = time.perf_counter() - start
+        own_failure = failure
+        payload = {
+            "done": done,
+            "failure": None if failure is None else failure[:4],
+            "seconds": seconds,
+        }
+        gathered = distributed.all_gather_objects(payload)
+        entries = {entry[0]: entry for part in gathered for entry in part["done"]}
+        failures = [(part["failure"], r) for r, part in enumerate(gathered) if part["failure"] is not None]
+        fatal = [(f, r) for f, r in failures if f[1] == "fatal"]
+        first = min((f[0] for f, _ in failures), default=len(self.states))
+        # Count the work one process would have done: the states up to the first failure.
+        self.md_steps += sum(entries[k][3] for k in entries if k <= first)
+        self.rollout_steps += sum(entries[k][4] for k in entries if k < first)
+        if fatal:
+            (k, _, message, _), r = fatal[0]
+            if own_failure is not None and own_failure[1] == "fatal":
+                raise own_failure[4]
+            raise RuntimeError(f"rank {r} failed on state {self.states[k].name!r}: {message}")
+        if failures:
+            for name, calls in calls_before.items():
+                # States past the failure would not have run in one process.
+                if calls is not None and index[name] > first:
+                    self.rollouts[name].calls = calls
+            (k, kind, message, extra), _ = min(failures, key=lambda item: item[0][0])
+            if own_failure is not None and own_failure[0] == k:
+                raise own_failure[4]
+            if kind == "sampling":
+                raise SamplingError(*extra)
+            raise (FloatingPointError if kind == "FloatingPointError" else NonFiniteError)(message)
+        total = 0.0
+        results = {}
+        for k, state in enumerate(self.states):
+            _, result, resampled, _, _ = entries[k]
+            results[state.name] = result
+            total += result.loss
+            record["state_losses"][state.name] = result.loss
+            record["rdf_rmse"][state.name] = dict(result.rdf_rmse)
+            record["n_eff"][state.name] = result.diagnostics.get("n_eff_fraction")
+            record["resampled"][state.name] = resampled
+            if result.diagnostics.get("pressure") is not None:
+                record.setdefault("pressure", {})[state.name] = float(result.diagnostics["pressure"])
+        record["rank_seconds"] = [part["seconds"] for part in gathered]
+        distributed.all_reduce_gradients(self._trainable())
+        return total, results
+
     def _residuals(self):
         parts = []
         n_eff = 1.0
-        for state in self.states:
+        for state in self._states_here():
             rho, fraction = self.reweighting[state.name].residuals(self.table, state, state.targets, 1.0)
             parts.append(rho)
             n_eff = min(n_eff, fraction)
+        if not parts:  # a rank without states (more ranks than states)
+            return torch.zeros(0, dtype=torch.float64), n_eff
         return torch.cat(parts), n_eff
 
-    def _gauss_newton_step(self) -> Dict[str, Any]:
-        """One Levenberg–Marquardt step on the reweighted residuals (inverse Monte Carlo).
+    def _reduce_residual_sums(self, *values):
+        """Sum tensors (J^T J, J^T r, r.r) over ranks: each rank holds its states' rows of r and J."""
+        from . import distributed
 
-        The Jacobian of the reweighted RDFs is exact for the current snapshots;
-        a trial step is accepted when the reweighted loss drops and N_eff/N
-        stays above the estimator's threshold, otherwise the damping grows.
-        """
+        if self._dist is None:
+            return values
+        flat = torch.cat([torch.as_tensor(v, dtype=torch.float64).reshape(-1) for v in values])
+        flat = distributed.all_reduce(flat)
+        out, offset = [], 0
+        for v in values:
+            n = torch.as_tensor(v).numel()
+            out.append(flat[offset : offset + n].reshape(torch.as_tensor(v).shape))
+            offset += n
+        return out
+
+    def _residual_jacobian(self):
+        """``JᵀJ``, ``Jᵀρ`` and ``ρ·ρ`` of the reweighted residuals (summed over ranks)."""
         params = self._trainable()
         with torch.enable_grad():
             rho, _ = self._residuals()
@@ -525,11 +749,26 @@ class Trainer:
                         ]
                     )
                 )
-        jac = torch.stack(rows).detach()
+        n_params = sum(p.numel() for p in params)
+        jac = torch.stack(rows).detach() if rows else torch.zeros(0, n_params, dtype=rho.dtype)
         rho = rho.detach()
         loss0 = float(rho @ rho)
         jtj = jac.T @ jac
         jtr = jac.T @ rho
+        if self._dist is not None:
+            jtj, jtr, loss0 = self._reduce_residual_sums(jtj, jtr, loss0)
+            loss0 = float(loss0)
+        return jtj, jtr, loss0
+
+    def _gauss_newton_step(self) -> Dict[str, Any]:
+        """One Levenberg–Marquardt step on the reweighted residuals (inverse Monte Carlo).
+
+        The Jacobian of the reweighted RDFs is exact for the current snapshots;
+        a trial step is accepted when the reweighted loss drops and N_eff/N
+        stays above the estimator's threshold, otherwise the damping grows.
+        """
+        params = self._trainable()
+        jtj, jtr, loss0 = self._residual_jacobian()
         diag = torch.diagonal(jtj).clone()
         diag = torch.clamp(diag, min=1e-12 * float(diag.max()) + 1e-300)
         threshold = min(est.n_eff_threshold for est in self.reweighting.values())
@@ -547,6 +786,11 @@ class Trainer:
                     offset += n
                 trial, n_eff = self._residuals()
             loss1 = float(trial @ trial)
+            if self._dist is not None:
+                from . import distributed
+
+                loss1 = float(self._reduce_residual_sums(loss1)[0])
+                n_eff = float(distributed.all_reduce(torch.tensor([n_eff], dtype=torch.float64), op="min")[0])
             if math.isfinite(loss1) and loss1 < loss0 and n_eff >= threshold:
                 accepted = True
                 damping = max(damping / 3.0, 1e-6)
@@ -571,6 +815,70 @@ class Trainer:
             "reweighted_loss_after": loss1,
         }
 
+    def _potential_on_target_grid(self) -> List[np.ndarray]:
+        """u(r)/kT of every target pair where its g(r) > 0.05 (kT of the coldest state)."""
+        kT = min(float(s.kT) for s in self.states)
+        values = []
+        with torch.no_grad():
+            for state in self.states:
+                for target in state.targets:
+                    r = np.asarray(target.r, dtype=float)
+                    keep = (np.asarray(target.g) > 0.05) & (r > 0) & (r < self.table.cutoff)
+                    if keep.any():
+                        u, _ = self.table.evaluate(r[keep], pair=tuple(target.pair))
+                        values.append(np.asarray(u, dtype=float) / kT)
+        return values
+
+    def _imc_step(self) -> Dict[str, Any]:
+        """One inverse Monte Carlo step: a damped Newton step, then fresh snapshots.
+
+        Solves ``(JᵀJ + λ diag(JᵀJ)) δ = -Jᵀρ`` with the exact linear response
+        ``J = -β cov(g, ∂U/∂θ)`` of the current snapshots (λ = ``imc_damping``)
+        and shortens δ so that u(r) moves by at most ``max_potential_change``
+        kT wherever a target has g(r) > 0.05. The snapshots are then discarded:
+        unlike ``gauss-newton`` (which reuses snapshots inside an N_eff trust
+        region, suited to small systems), every step starts from a fresh sample,
+        which suits large systems where reweighting tolerates only tiny steps.
+        """
+        params = self._trainable()
+        jtj, jtr, loss0 = self._residual_jacobian()
+        diag = torch.diagonal(jtj).clone()
+        diag = torch.clamp(diag, min=1e-12 * float(diag.max()) + 1e-300)
+        step = -torch.linalg.solve(jtj + self.options["imc_damping"] * torch.diag(diag), jtr)
+        start = [p.detach().clone() for p in params]
+        before = self._potential_on_target_grid()
+
+        def move(scale: float) -> None:
+            offset = 0
+            with torch.no_grad():
+                for p, p0 in zip(params, start, strict=True):
+                    n = p.numel()
+                    p.copy_(p0 + scale * step[offset : offset + n].reshape(p.shape).to(p.dtype))
+                    offset += n
+
+        def change() -> float:
+            after = self._potential_on_target_grid()
+            return max((float(np.abs(a - b).max()) for a, b in zip(after, before, strict=True)), default=0.0)
+
+        limit = self.options["max_potential_change"]
+        scale = 1.0
+        move(scale)
+        moved = change()
+        # u(r) is not linear in every parameter (σ of an analytic prior): shorten
+        # until the measured change obeys the cap.
+        for _ in range(20):
+            if math.isfinite(moved) and moved <= limit:
+                break
+            scale *= 0.9 * limit / moved if math.isfinite(moved) and moved > 0 else 0.1
+            move(scale)
+            moved = change()
+        else:
+            move(0.0)
+            moved = 0.0
+            scale = 0.0
+        self.snapshots.clear()
+        return {"max_change_kT": moved, "step_scale": scale, "loss_before": loss0}
+
     # -- main loop ----------------------------------------------------------------------
 
     def _initialise(self) -> None:
@@ -579,7 +887,7 @@ class Trainer:
         self._initialised = True
         if self.options["boltzmann_initial_guess"] and self.epoch == 0:
             self._apply_boltzmann_guess()
-        if self.output_dir is not None:
+        if self.output_dir is not None and self._is_main():
             self.output_dir.mkdir(parents=True, exist_ok=True)
 
     def _apply_boltzmann_guess(self) -> None:
@@ -620,12 +928,17 @@ class Trainer:
         logger.warning(
             "epoch %d rolled back (%s); learning rate %.3g -> %.3g", self.epoch, reason, old, self.learning_rate
         )
-        if self.options["progress"]:
+        if self.options["progress"] and self._is_main():
             print(f"  ! epoch {self.epoch}: {reason}; rolled back, learning rate {old:.3g} -> {self.learning_rate:.3g}")
         return event
 
     def fit(self) -> List[Dict[str, Any]]:
         """Run training until ``max_epochs``, the target loss or a plateau.
+
+        Inside an initialised process group of more than one process (see
+        :func:`openmm_diffsim.distributed.init`) each process samples its
+        share of the state points; the history, parameters and checkpoint
+        are those of one process. Callbacks run on every process.
 
         Returns
         -------
@@ -635,14 +948,27 @@ class Trainer:
         from .gradients import NonFiniteError
         from .sampling import SamplingError
 
+        self._setup_distributed()
         self._initialise()
+        if self._dist is not None:
+            from . import distributed
+
+            # Every rank must start from the same parameters (e.g. a network
+            # initialised at random in each process): rank 0's win.
+            distributed.broadcast_parameters(self._trainable())
         retries = 0
         pending_events: List[Dict[str, Any]] = []
-        if self.options["progress"] and self.epoch == 0:
+        if self.options["progress"] and self.epoch == 0 and self._is_main():
             print(
                 f"openmm-diffsim: training {sum(p.numel() for p in self._trainable())} parameters on "
                 f"{len(self.states)} state point(s) with the {self.estimator_name} estimator"
             )
+        if self.options["progress"] and self._dist is not None and self._is_main():
+            split = "; ".join(
+                f"rank {k}: {', '.join(self.states[i].name for i in part) or '(idle)'}"
+                for k, part in enumerate(self._dist["parts"])
+            )
+            print(f"openmm-diffsim: {self._dist['world_size']} processes; {split}")
         while self.epoch < self.options["max_epochs"]:
             self._set_learning_rate()
             good = self._good_state()
@@ -671,43 +997,76 @@ class Trainer:
                 self.best_loss = record["loss"]
                 self.best_state = copy.deepcopy(self.table.state_dict())
             self.epoch += 1
+            if self.options["average_last"] > 1:
+                self._recent_parameters.append(self._flat_parameters())
+                del self._recent_parameters[: -self.options["average_last"]]
             self._report(record)
             for callback in self.callbacks:
                 callback(self, record)
             if self.output_dir is not None:
                 self._write_log()
                 if self.options["checkpoint_every"] and self.epoch % self.options["checkpoint_every"] == 0:
-                    self.save_checkpoint()
-                if self.options["plot_every"] and self.epoch % self.options["plot_every"] == 0:
+                    self._gather_for_checkpoint()  # collective: every rank, same epochs
+                    if self._is_main():
+                        self.save_checkpoint()
+                if self.options["plot_every"] and self.epoch % self.options["plot_every"] == 0 and self._is_main():
                     self.plot()
             if self._should_stop(record):
                 break
+        self._average_recent_iterates()
         if self.output_dir is not None:
             self._write_log()
-            self.save_checkpoint()
-            self.plot()
+            self._gather_for_checkpoint()
+            if self._is_main():
+                self.save_checkpoint()
+                self.plot()
         return self.history
+
+    def _flat_parameters(self) -> torch.Tensor:
+        return torch.cat([p.detach().reshape(-1).clone() for p in self._trainable()])
+
+    def _average_recent_iterates(self) -> None:
+        """Replace the parameters by the mean of the last ``average_last`` iterates.
+
+        Near convergence, noisy steps (IMC steps above all) scatter the
+        iterates around the solution; their mean has less of that noise.
+        """
+        recent = self._recent_parameters
+        if self.options["average_last"] < 2 or len(recent) < 2 or self.averaged_epoch == self.epoch:
+            return
+        mean = torch.stack(recent).mean(0)
+        offset = 0
+        with torch.no_grad():
+            for p in self._trainable():
+                n = p.numel()
+                p.copy_(mean[offset : offset + n].reshape(p.shape).to(p.dtype))
+                offset += n
+        self.averaged_epoch = self.epoch
+        if self.options["progress"] and self._is_main():
+            print(f"  final potential: mean of the last {len(recent)} iterates")
 
     def _should_stop(self, record) -> bool:
         target = self.options["target_loss"]
         if target is not None and record["loss"] < target:
-            if self.options["progress"]:
+            if self.options["progress"] and self._is_main():
                 print(f"  reached target loss {target:g}")
             return True
         patience = self.options["plateau_patience"]
         if patience and self.epoch - 1 - self.best_epoch >= patience:
-            if self.options["progress"]:
+            if self.options["progress"] and self._is_main():
                 print(f"  loss plateaued for {patience} epochs")
             return True
         return False
 
     def _report(self, record) -> None:
-        if not self.options["progress"]:
+        if not self.options["progress"] or not self._is_main():
             return
         parts = [f"epoch {record['epoch'] + 1:4d}/{self.options['max_epochs']}", f"loss {record['loss']:.3e}"]
         for name, rmse in record["rdf_rmse"].items():
             for pair, value in rmse.items():
                 parts.append(f"rmse[{name}:{pair}] {value:.4f}")
+        for name, value in record.get("pressure", {}).items():
+            parts.append(f"P[{name}] {value:.0f} bar")
         n_eff = [v for v in record["n_eff"].values() if v is not None]
         if n_eff:
             parts.append(f"N_eff {min(n_eff):.2f}")
@@ -720,7 +1079,7 @@ class Trainer:
     # -- persistence ---------------------------------------------------------------------
 
     def _write_log(self) -> None:
-        if self.output_dir is None:
+        if self.output_dir is None or not self._is_main():
             return
         lines = "".join(json.dumps(_jsonable(r)) + "\n" for r in self.history)
         _atomic_write_bytes(self.output_dir / LOG_NAME, lines.encode())
@@ -744,6 +1103,9 @@ class Trainer:
             "best_epoch": self.best_epoch,
             "best_state": self.best_state,
             "sampler_states": self._sampler_states,
+            "rollout_calls": {name: est.calls for name, est in self.rollouts.items()},
+            "recent_parameters": self._recent_parameters,
+            "averaged_epoch": self.averaged_epoch,
             "torch_rng": torch.get_rng_state(),
         }
 
@@ -758,10 +1120,14 @@ class Trainer:
         return path
 
     @classmethod
-    def resume(cls, output_dir: Union[str, Path], **overrides) -> Trainer:
+    def resume(cls, output_dir: Union[str, Path], samplers: Optional[Any] = None, **overrides) -> Trainer:
         """Rebuild a trainer from ``output_dir/checkpoint.pt`` (or a checkpoint file).
 
         ``overrides`` replace saved options (e.g. ``max_epochs`` to train longer).
+        ``samplers`` (as in the constructor) re-attaches states that sample a
+        user's ``Simulation``: each sampler's state replaces the saved state of
+        the same name, and the run continues from the sampler's current
+        configuration.
         """
         path = Path(output_dir)
         if path.is_dir():
@@ -780,12 +1146,22 @@ class Trainer:
             raise ValueError(f"unknown option(s) to override: {sorted(unknown)}")
         options.update(overrides)
         learning_rate = options.pop("learning_rate")
+        states = list(data["states"])
+        if samplers is not None:
+            given = list(samplers.values()) if hasattr(samplers, "items") else list(samplers)
+            names = [st.name for st in states]
+            for sampler in given:
+                name = getattr(getattr(sampler, "state", None), "name", None)
+                if name not in names:
+                    raise ValueError(f"sampler for {name!r} names no state of the checkpoint; states: {names}")
+                states[names.index(name)] = sampler.state
         trainer = cls(
             data["table"],
-            data["states"],
+            states,
             data["estimator"],
             learning_rate=learning_rate,
             output_dir=path.parent,
+            samplers=samplers,
             **options,
         )
         trainer.optimizer.load_state_dict(data["optimizer"])
@@ -799,6 +1175,14 @@ class Trainer:
         trainer.best_epoch = data["best_epoch"]
         trainer.best_state = data["best_state"]
         trainer._sampler_states = data["sampler_states"]
+        for name in trainer._given_samplers:
+            # A user's Simulation continues from its own configuration.
+            trainer._sampler_states.pop(name, None)
+        trainer._recent_parameters = list(data.get("recent_parameters", []))
+        trainer.averaged_epoch = data.get("averaged_epoch")
+        for name, calls in data.get("rollout_calls", {}).items():
+            if name in trainer.rollouts:
+                trainer.rollouts[name].calls = int(calls)
         torch.set_rng_state(data["torch_rng"])
         trainer._initialised = False
         return trainer
@@ -827,7 +1211,7 @@ class Trainer:
             plotting.plot_potentials(
                 folder / "potential.png",
                 self.table,
-                r_min=_plot_r_min(self.table),
+                r_min=_plot_r_min(self.table) or 0.1 * self.table.cutoff,  # soft cores never pass the wall
                 r_max=self.table.cutoff,
                 kT=self.states[0].kT,
             )

@@ -397,3 +397,38 @@ def test_torchforce_lj_rdf_matches_native_nonbonded_force():
     _, g_native, _ = reference_rdfs(state, table, backend="native", seed=1, **kwargs)
     _, g_torch, _ = reference_rdfs(state, table, backend="torch", seed=2, **kwargs)
     assert _rdf_distance(g_torch, g_native) < 0.12
+
+
+# -- pre-built samplers in the trainer (issue #9) -----------------------------------------------------
+
+
+def test_trainer_runs_a_prebuilt_sampler_and_checks_it():
+    from openmm_diffsim.targets import Target
+    from openmm_diffsim.training import Trainer
+
+    state = lj_state(n=108)
+    r = np.linspace(0.005, 0.845, 85)
+    state.targets = [Target(r, np.ones_like(r), ("Ar", "Ar"))]
+    sampler = Sampler(state, lj_table(), backend="tabulated", seed=4)
+    table = lj_table()
+    options = dict(
+        max_epochs=1,
+        n_snapshots=3,
+        snapshot_interval=10,
+        equilibration_steps=20,
+        estimator_options=dict(r_range=(0.0, 0.85), n_bins=85),
+        progress=False,
+    )
+    trainer = Trainer(table, [state], "reweighting", samplers=[sampler], **options)
+    trainer.fit()
+    assert trainer.samplers[state.name] is sampler and sampler.total_steps == 20 + 30
+    # An ordinary state point may still use rollouts with a pre-built sampler.
+    Trainer(table, [state], "rollout", samplers={state.name: sampler}, **options)
+    with pytest.raises(ValueError, match="names no state point"):
+        Trainer(table, [state], samplers={"elsewhere": sampler}, **options)
+    other = lj_state(n=108)
+    other.targets = state.targets
+    with pytest.raises(ValueError, match="different state object"):
+        Trainer(table, [other], samplers=[sampler], **options)
+    with pytest.raises(TypeError, match="Sampler objects"):
+        Trainer(table, [state], samplers=["not a sampler"], **options)

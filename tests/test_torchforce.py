@@ -358,3 +358,112 @@ def test_neural_potential_runs_tabulated_in_torchforce_and_matches_network():
     assert energy == pytest.approx(exact, rel=1e-6)
     with pytest.raises(ValueError, match="tabulate"):
         create_torch_force(table, ["A"] * n, tabulate="sometimes")
+
+
+# -- subsets and exclusions (a user's System, issue #9) ---------------------------------------
+
+
+def _brute_force_energy(table, positions, lengths, species, atoms, excluded):
+    """Σ u(r) over pairs of `atoms` within the cutoff, minus the excluded pairs (NumPy, minimum image)."""
+    total = 0.0
+    for a, i in enumerate(atoms):
+        for j in atoms[a + 1 :]:
+            if (i, j) in excluded:
+                continue
+            d = positions[j] - positions[i]
+            r = float(np.linalg.norm(d - lengths * np.round(d / lengths)))
+            if r < table.cutoff:
+                total += table.evaluate([r], (table.species[species[i]], table.species[species[j]]))[0][0]
+    return total
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_subset_and_exclusions_match_brute_force_and_finite_differences(dtype):
+    positions, lengths = perturbed_lattice(5, 0.42, 0.04, seed=3)
+    n = len(positions)
+    pots = {("A", "A"): LennardJones(0.34, 1.0), ("A", "B"): SoftSphere(0.3, 0.5), ("B", "B"): Yukawa(2.0, 3.0)}
+    table = PairTable(["A", "B"], pots, cutoff=CUTOFF, cutoff_mode="shift")
+    rng = np.random.default_rng(0)
+    atoms = np.sort(rng.choice(n, 80, replace=False))
+    species = {int(i): int(rng.integers(2)) for i in atoms}
+    neighbours = [(int(atoms[k]), int(atoms[k + 1])) for k in range(0, 60, 2)]  # close-ish pairs
+    module = script_energy_module(
+        table, [species[i] for i in atoms], atoms=atoms, n_particles=n, exclusions=[(j, i) for i, j in neighbours]
+    )
+    assert module.uses_subset and module.uses_exclusions
+    x = torch.tensor(positions, dtype=dtype)
+    box = torch.diag(torch.tensor(lengths, dtype=dtype))
+    energy, forces = module(x, box)
+    assert forces.shape == (n, 3) and forces.dtype == dtype
+    expected = _brute_force_energy(table, positions, lengths, species, list(atoms), set(neighbours))
+    rtol = 1e-10 if dtype == torch.float64 else 1e-4
+    assert float(energy) == pytest.approx(expected, rel=rtol)
+    outside = np.setdiff1d(np.arange(n), atoms)
+    assert float(forces[outside].abs().max()) == 0.0
+    if dtype == torch.float64:
+        # Forces are -dE/dx: central differences on a few selected particles.
+        h = 1e-6
+        for k in atoms[:5]:
+            for c in range(3):
+                plus, minus = x.clone(), x.clone()
+                plus[k, c] += h
+                minus[k, c] -= h
+                fd = -(float(module(plus, box)[0]) - float(module(minus, box)[0])) / (2 * h)
+                assert float(forces[k, c]) == pytest.approx(fd, rel=1e-5, abs=1e-5)
+
+
+def test_exclusions_follow_verlet_list_rebuilds():
+    """Excluded pairs stay excluded when the list is rebuilt after particles move."""
+    positions, lengths = perturbed_lattice(4, 0.5, 0.0)
+    n = len(positions)
+    table = PairTable(["X"], LennardJones(0.34, 1.0), cutoff=CUTOFF)
+    excluded = [(0, 1), (0, 5), (2, 3)]
+    module = script_energy_module(table, [0] * n, exclusions=excluded, skin=0.05)
+    plain = script_energy_module(table, [0] * n, skin=0.05)
+    assert not module.uses_subset and module.uses_exclusions
+    assert not plain.uses_subset and not plain.uses_exclusions
+    box = torch.diag(torch.tensor(lengths))
+    rng = np.random.default_rng(1)
+    for step in range(4):
+        x = torch.tensor(positions + rng.normal(0, 0.02, positions.shape) * step)
+        e, _ = module(x, box)
+        expected = _brute_force_energy(table, x.numpy(), lengths, [0] * n, list(range(n)), set(excluded))
+        assert float(e) == pytest.approx(expected, rel=1e-10)
+        assert float(plain(x, box)[0]) != pytest.approx(float(e), rel=1e-6)  # the exclusions matter
+    assert int(module.neighbors.builds) > 1 and int(module.filtered_build) == int(module.neighbors.builds)
+
+
+def test_subset_and_exclusion_input_errors():
+    table = PairTable(["X"], LennardJones(0.34, 1.0), cutoff=CUTOFF)
+    with pytest.raises(ValueError, match="needs n_particles"):
+        script_energy_module(table, [0] * 3, atoms=[0, 1, 2])
+    with pytest.raises(ValueError, match="atoms lists 2 particles but species 3"):
+        script_energy_module(table, [0] * 3, atoms=[0, 1], n_particles=5)
+    with pytest.raises(ValueError, match="must not repeat"):
+        script_energy_module(table, [0] * 3, atoms=[0, 1, 1], n_particles=5)
+    with pytest.raises(ValueError, match="indices in 0..4"):
+        script_energy_module(table, [0] * 3, atoms=[0, 1, 5], n_particles=5)
+    with pytest.raises(ValueError, match="give atoms"):
+        script_energy_module(table, [0] * 3, n_particles=5)
+    with pytest.raises(ValueError, match="does not act on"):
+        script_energy_module(table, [0] * 3, atoms=[0, 1, 2], n_particles=5, exclusions=[(0, 4)])
+    with pytest.raises(ValueError, match="itself"):
+        script_energy_module(table, [0] * 3, exclusions=[(1, 1)])
+    with pytest.raises(ValueError, match=r"shape \(E, 2\)"):
+        script_energy_module(table, [0] * 3, exclusions=[0, 1, 2])
+
+
+def test_torch_force_on_a_subset_in_openmm_matches_the_module():
+    positions, lengths = perturbed_lattice(4, 0.5, 0.03)
+    n = len(positions)
+    table = PairTable(["X"], LennardJones(0.34, 1.0), cutoff=CUTOFF, cutoff_mode="shift")
+    atoms = list(range(0, n, 2))
+    system = openmm.System()
+    for _ in range(n):
+        system.addParticle(39.9)
+    system.setDefaultPeriodicBoxVectors(*(openmm.Vec3(*row) for row in np.diag(lengths)))
+    system.addForce(create_torch_force(table, ["X"] * len(atoms), atoms=atoms, n_particles=n, exclusions=[(0, 2)]))
+    energy, forces = context_energy_forces(system, positions)
+    expected = _brute_force_energy(table, positions, lengths, [0] * n, atoms, {(0, 2)})
+    assert energy == pytest.approx(expected, rel=1e-10)
+    assert np.abs(forces[1::2]).max() == 0.0

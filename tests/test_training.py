@@ -258,6 +258,54 @@ def test_gauss_newton_steps_reduce_the_reweighted_loss(tmp_path):
         Trainer(model_table(), [small_state()], "rollout", optimizer="gauss-newton")
 
 
+def test_imc_takes_capped_newton_steps_from_fresh_samples(tmp_path):
+    limit = 0.05
+    trainer = quick_trainer(tmp_path, optimizer="imc", max_epochs=3, n_snapshots=12, max_potential_change=limit)
+    state = trainer.states[0]
+    target = state.targets[0]
+    r = np.asarray(target.r)
+    r = r[(np.asarray(target.g) > 0.05) & (r < CUTOFF)]
+    changes = []
+
+    def record_change(t, record):
+        u_now = t.table.evaluate(r)[0] / state.kT
+        if changes or hasattr(record_change, "u"):
+            changes.append(np.abs(u_now - record_change.u).max())
+        record_change.u = u_now
+
+    record_change.u = trainer.table.evaluate(r)[0] / state.kT
+    trainer.callbacks.append(record_change)
+    history = trainer.fit()
+    steps = [h["imc"] for h in history]
+    # Every epoch samples afresh, and the step is capped in u(r) as measured independently.
+    assert all(all(h["resampled"].values()) for h in history)
+    assert all(s["max_change_kT"] <= limit + 1e-9 for s in steps)
+    assert max(changes) <= limit + 1e-6
+    assert max(changes) > 0.5 * limit  # far from the target the cap binds
+    # Each fresh sample sees a smaller RDF error than the one before.
+    losses = [s["loss_before"] for s in steps]
+    assert losses[2] < losses[1] < losses[0]
+    with pytest.raises(ValueError, match="imc"):
+        Trainer(model_table(), [small_state()], "rollout", optimizer="imc")
+    with pytest.raises(ValueError, match="max_potential_change"):
+        quick_trainer(optimizer="imc", max_potential_change=0.0)
+
+
+def test_average_last_returns_the_mean_of_the_last_iterates(tmp_path):
+    trainer = quick_trainer(tmp_path, max_epochs=4, average_last=3)
+    iterates = []
+    trainer.callbacks.append(
+        lambda t, record: iterates.append(np.array([p.item() for p in t.table.parameters() if p.requires_grad]))
+    )
+    trainer.fit()
+    final = np.array([p.item() for p in trainer.table.parameters() if p.requires_grad])
+    np.testing.assert_allclose(final, np.mean(iterates[-3:], axis=0), rtol=1e-12)
+    assert not np.allclose(final, iterates[-1])
+    saved = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
+    assert len(saved["recent_parameters"]) == 3
+    assert saved["table"].pair_potentials[0].sigma.item() == pytest.approx(final[0], rel=1e-12)
+
+
 @pytest.mark.slow
 def test_gauss_newton_recovers_sigma(tmp_path):
     target = simulated_lj_target()

@@ -511,28 +511,10 @@ class IBI:
         max_retries: int = 5,
         callbacks: Sequence[Callable] = (),
     ):
-        from .systems import StatePoint
+        from .training import check_fit_inputs
 
-        if not isinstance(table, PairTable):
-            raise TypeError(f"table must be a PairTable, got {type(table).__name__}")
-        states = list(states)
-        if not states:
-            raise ValueError("IBI needs at least one state point")
-        names = [s.name for s in states]
-        if len(set(names)) != len(names):
-            raise ValueError(f"state point names must be unique, got {names}")
+        states = check_fit_inputs(table, states, "IBI")
         for s in states:
-            if not isinstance(s, StatePoint):
-                raise TypeError(f"states must be StatePoint objects, got {type(s).__name__}")
-            if not s.targets:
-                raise ValueError(f"state point {s.name!r} has no targets to fit")
-            for t in s.targets:
-                for name in t.pair:
-                    if name not in table.species:
-                        raise ValueError(
-                            f"state {s.name!r}: target pair {t.pair} names species {name!r}, "
-                            f"which the potential does not have (species: {table.species})"
-                        )
             if pressure_correction and s.pressure is None:
                 logger.info("state %r has no target pressure: no pressure correction from it", s.name)
         self._splines = [_spline_of(p) for p in table.pair_potentials]

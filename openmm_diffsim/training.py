@@ -135,6 +135,38 @@ def fit_table_to_curve(
         return float(torch.sqrt(((model - u_t) ** 2).mean()))
 
 
+def check_fit_inputs(table: PairTable, states: Sequence, fitter: str) -> List:
+    """Check a potential and its state points before a fit; returns the states as a list.
+
+    Shared by :class:`Trainer` and :class:`~openmm_diffsim.ibi.IBI`: a
+    PairTable, at least one StatePoint, unique names, every state with
+    targets whose species the table knows.
+    """
+    from .systems import StatePoint
+
+    if not isinstance(table, PairTable):
+        raise TypeError(f"table must be a PairTable, got {type(table).__name__}")
+    states = list(states)
+    if not states:
+        raise ValueError(f"{fitter} needs at least one state point")
+    names = [s.name for s in states]
+    if len(set(names)) != len(names):
+        raise ValueError(f"state point names must be unique, got {names}")
+    for s in states:
+        if not isinstance(s, StatePoint):
+            raise TypeError(f"states must be StatePoint objects, got {type(s).__name__}")
+        if not s.targets:
+            raise ValueError(f"state point {s.name!r} has no targets to fit")
+        for t in s.targets:
+            for species in t.pair:
+                if species not in table.species:
+                    raise ValueError(
+                        f"state {s.name!r}: target pair {t.pair} names species {species!r}, "
+                        f"which the potential does not have (species: {table.species})"
+                    )
+    return states
+
+
 class Trainer:
     """Fit a pair potential to RDF targets at several state points.
 
@@ -248,28 +280,7 @@ class Trainer:
         max_potential_change: float = 0.5,
         average_last: int = 0,
     ):
-        from .systems import StatePoint
-
-        if not isinstance(table, PairTable):
-            raise TypeError(f"table must be a PairTable, got {type(table).__name__}")
-        states = list(states)
-        if not states:
-            raise ValueError("Trainer needs at least one state point")
-        names = [s.name for s in states]
-        if len(set(names)) != len(names):
-            raise ValueError(f"state point names must be unique, got {names}")
-        for s in states:
-            if not isinstance(s, StatePoint):
-                raise TypeError(f"states must be StatePoint objects, got {type(s).__name__}")
-            if not s.targets:
-                raise ValueError(f"state point {s.name!r} has no targets to fit")
-            for t in s.targets:
-                for species in t.pair:
-                    if species not in table.species:
-                        raise ValueError(
-                            f"state {s.name!r}: target pair {t.pair} names species {species!r}, "
-                            f"which the potential does not have (species: {table.species})"
-                        )
+        states = check_fit_inputs(table, states, "Trainer")
         if isinstance(estimator, str) and estimator not in ESTIMATORS:
             raise ValueError(f"estimator must be one of {ESTIMATORS} or an Estimator object, got {estimator!r}")
         if optimizer not in OPTIMIZERS:

@@ -352,3 +352,32 @@ def test_fit_end_to_end_with_the_real_trainer(tmp_path, capsys):
     assert "finished 3 epoch(s)" in capsys.readouterr().out
     table = load_table(run)
     assert float(table.pair_potentials[0].epsilon) != pytest.approx(0.9, abs=1e-6)
+
+
+def test_demo_potential_error_removes_only_the_cutoff_convention():
+    import openmm_diffsim as od
+    from openmm_diffsim import demo
+    from openmm_diffsim.targets import read_target
+
+    target = read_target(demo.demo_target_path(), pair=("Ar", "Ar"))
+    kT = demo.demo_state().kT
+    # The truth itself, shifted instead of truncated: no error at all.
+    shifted = od.PairTable(["Ar"], od.LennardJones(demo.TRUE_SIGMA, demo.TRUE_EPSILON), cutoff=1.0, cutoff_mode="shift")
+    exact = demo.potential_error(shifted, target, kT)
+    assert exact["u_max_error_kT"] < 1e-9 and exact["u_rms_error_kT"] < 1e-9
+    # A 10 % deeper well: the error is 0.1 u_LJ(r) (shifted), computed here independently.
+    deeper = od.PairTable(
+        ["Ar"], od.LennardJones(demo.TRUE_SIGMA, 1.1 * demo.TRUE_EPSILON), cutoff=1.0, cutoff_mode="shift"
+    )
+    error = demo.potential_error(deeper, target, kT)
+    r = np.asarray(target.r)
+    r = r[(np.asarray(target.g) > 0.1) & (r < 1.0)]
+
+    def lj(x):
+        return 4 * demo.TRUE_EPSILON * ((demo.TRUE_SIGMA / x) ** 12 - (demo.TRUE_SIGMA / x) ** 6)
+
+    expected = 0.1 * (lj(r) - lj(1.0)) / kT
+    assert error["u_max_error_kT"] == pytest.approx(np.abs(expected).max(), rel=1e-6)
+    assert error["u_rms_error_kT"] == pytest.approx(np.sqrt(np.mean(expected**2)), rel=1e-6)
+    # Removing the best constant instead can only look better.
+    assert error["u_rms_error_kT_mean_offset"] <= error["u_rms_error_kT"]

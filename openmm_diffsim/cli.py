@@ -613,9 +613,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--optimizer",
         choices=["imc", "gauss-newton", "adam", "sgd"],
-        help="default: imc (14 Newton steps) with reweighting, adam (150 steps) with the rollout family",
+        help="default: imc (12 Newton steps) with reweighting, adam (150 steps) with the rollout family",
     )
-    p.add_argument("--max-epochs", type=int, metavar="N", help="optimiser steps (default 14 with imc, else 150)")
+    p.add_argument("--max-epochs", type=int, metavar="N", help="optimiser steps (default 12 with imc, else 150)")
     p.add_argument("--resume", action="store_true", help="continue from the output folder's checkpoint")
     p.add_argument("--pressure-weight", type=float, default=0.0, metavar="W", help="weight of the pressure term")
     p.set_defaults(func=_cmd_demo)

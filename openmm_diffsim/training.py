@@ -244,7 +244,8 @@ class Trainer:
         the diagonal of ``JᵀJ``; larger is steadier against sampling noise.
     max_potential_change : float
         ``optimizer="imc"``: the largest change of u(r) per step, in kT (of the
-        coldest state), where a target has g(r) > 0.05.
+        coldest state), where a target has g(r) > 0.05; halved with every
+        rolled-back step, as the learning rate is.
     """
 
     def __init__(
@@ -871,7 +872,9 @@ class Trainer:
             after = self._potential_on_target_grid()
             return max((float(np.abs(a - b).max()) for a, b in zip(after, before, strict=True)), default=0.0)
 
-        limit = self.options["max_potential_change"]
+        # A rolled-back step halves the learning rate; the IMC step (which has
+        # none) shrinks its cap by the same factor, so a retry is not the same step.
+        limit = self.options["max_potential_change"] * self.learning_rate / self.options["learning_rate"]
         scale = 1.0
         move(scale)
         moved = change()

@@ -291,6 +291,25 @@ def test_imc_takes_capped_newton_steps_from_fresh_samples(tmp_path):
         quick_trainer(optimizer="imc", max_potential_change=0.0)
 
 
+def test_a_rolled_back_imc_step_retries_with_a_smaller_cap(tmp_path):
+    trainer = quick_trainer(tmp_path, optimizer="imc", max_epochs=2, n_snapshots=12, max_potential_change=0.05)
+    calls = []
+    original = trainer._epoch
+
+    def failing_once():
+        if not calls:
+            calls.append("failed")
+            raise SamplingError("gas", 7, "exploding (injected)")
+        return original()
+
+    trainer._epoch = failing_once
+    history = trainer.fit()
+    assert history[0]["events"] and "injected" in history[0]["events"][0]["reason"]
+    # The learning rate was halved, and the IMC cap with it.
+    assert all(h["imc"]["max_change_kT"] <= 0.025 + 1e-9 for h in history)
+    assert max(h["imc"]["max_change_kT"] for h in history) > 0.02
+
+
 def test_average_last_returns_the_mean_of_the_last_iterates(tmp_path):
     trainer = quick_trainer(tmp_path, max_epochs=4, average_last=3)
     iterates = []

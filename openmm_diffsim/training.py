@@ -469,7 +469,10 @@ class Trainer:
         sampler = self._sampler(state)
         before = sampler.total_steps
         sampler.update_potential(self.table)
-        if self.options["reequilibration_steps"] > 0 and state.name in self.snapshots:
+        # Discard steps after every hand-over but the first: key on "sampled
+        # before" (saved configuration), not on held snapshots, which the
+        # IMC and Gauss-Newton steps clear to force a fresh sample.
+        if self.options["reequilibration_steps"] > 0 and state.name in self._sampler_states:
             sampler.equilibrate(self.options["reequilibration_steps"])
         snapshots = sampler.run(self.options["n_snapshots"], self.options["snapshot_interval"])
         self.md_steps += sampler.total_steps - before

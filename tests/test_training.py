@@ -279,6 +279,10 @@ def test_imc_takes_capped_newton_steps_from_fresh_samples(tmp_path):
     steps = [h["imc"] for h in history]
     # Every epoch samples afresh, and the step is capped in u(r) as measured independently.
     assert all(all(h["resampled"].values()) for h in history)
+    # Every fresh sample after a hand-over discards the re-equilibration steps.
+    options = trainer.options
+    expected = options["equilibration_steps"] + 3 * options["n_snapshots"] * options["snapshot_interval"]
+    assert trainer.md_steps == expected + 2 * options["reequilibration_steps"]
     assert all(s["max_change_kT"] <= limit + 1e-9 for s in steps)
     assert max(changes) <= limit + 1e-6
     assert max(changes) > 0.5 * limit  # far from the target the cap binds

@@ -511,7 +511,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         estimator=getattr(args, "estimator", "reweighting"),
         max_epochs=getattr(args, "max_epochs", None),
         resume=getattr(args, "resume", False),
-        pressure_weight=getattr(args, "pressure_weight", 0.0),
+        pressure_weight=getattr(args, "pressure_weight", None),
+        energy_weight=getattr(args, "energy_weight", None),
         optimizer=getattr(args, "optimizer", None),
     )
     print(f"demo results in {args.output}")
@@ -617,7 +618,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--max-epochs", type=int, metavar="N", help="optimiser steps (default 12 with imc, else 150)")
     p.add_argument("--resume", action="store_true", help="continue from the output folder's checkpoint")
-    p.add_argument("--pressure-weight", type=float, default=0.0, metavar="W", help="weight of the pressure term")
+    p.add_argument(
+        "--pressure-weight", type=float, metavar="W", help="weight of the pressure term, 1/bar^2 (0 turns it off)"
+    )
+    p.add_argument(
+        "--energy-weight", type=float, metavar="W", help="weight of the energy term, (kJ/mol)^-2 (0 turns it off)"
+    )
     p.set_defaults(func=_cmd_demo)
     return parser
 

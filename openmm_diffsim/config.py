@@ -588,6 +588,7 @@ def _state_from_section(
     else:
         density = section.number("density", positive=True)
     pressure = section.number("pressure", None)
+    energy = section.number("energy", None)
     weight = section.number("weight", 1.0, non_negative=True)
     raw_targets = section.raw("target", [])
     if not isinstance(raw_targets, list):
@@ -595,7 +596,16 @@ def _state_from_section(
     section.finish()
     try:
         state = StatePoint(
-            name, species, counts, masses, temperature, box=box, density=density, pressure=pressure, weight=weight
+            name,
+            species,
+            counts,
+            masses,
+            temperature,
+            box=box,
+            density=density,
+            pressure=pressure,
+            weight=weight,
+            energy=energy,
         )
     except (ValueError, TypeError) as exc:
         raise ConfigError(f"{section.path}: {exc}") from exc
@@ -1116,6 +1126,7 @@ masses = [39.948]            # amu (a single number applies to every species)
 temperature = 143.8          # K   (T* = 1.2)
 density = 20.36              # particles/nm^3 (rho* = 0.8); or box = [2.93, 2.93, 2.93] (nm)
 # pressure = 1.0             # bar, adds a pressure term where the method supports it
+# energy = -5.0              # kJ/mol per particle (pair energy), for an energy term
 weight = 1.0                 # weight of this state in the loss
 
 [[state.target]]

@@ -49,7 +49,6 @@ from .neighbors import box_lengths, neighbor_pairs, pair_displacements
 from .observables import (
     BAR_PER_KJ_PER_MOL_NM3,
     compute_partial_rdfs,
-    configurational_pressure,
     rdf_bin_edges,
     rdf_loss,
 )
@@ -272,6 +271,9 @@ class ReweightingEstimator:
         to re-evaluate energies.
     pressure_weight : float
         Weight of ``(⟨P⟩ - state.pressure)^2`` (bar^2) in the loss; 0 disables it.
+    energy_weight : float
+        Weight of ``(⟨U⟩/N - state.energy)^2`` ((kJ/mol)^2) in the loss, ⟨U⟩/N
+        the mean pair potential energy per particle; 0 disables it.
     energy_method : {"auto", "histogram", "exact"}
         ``histogram``: U_θ from the fine histograms, O(nodes) per snapshot.
         ``exact``: U_θ from the stored pair distances, O(pairs) per snapshot.
@@ -309,6 +311,7 @@ class ReweightingEstimator:
         n_eff_threshold: float = 0.5,
         histogram_bin_width: float = 0.0005,
         pressure_weight: float = 0.0,
+        energy_weight: float = 0.0,
         energy_method: str = "auto",
         energy_tolerance: float = 1e-3,
         target_outside: str = "error",
@@ -319,13 +322,15 @@ class ReweightingEstimator:
             raise ValueError(f"n_eff_threshold must lie in [0, 1], got {n_eff_threshold}")
         if not float(histogram_bin_width) > 0:
             raise ValueError(f"histogram_bin_width must be positive (nm), got {histogram_bin_width}")
-        if not float(pressure_weight) >= 0:
-            raise ValueError(f"pressure_weight must be non-negative, got {pressure_weight}")
+        for name, value in (("pressure_weight", pressure_weight), ("energy_weight", energy_weight)):
+            if not (float(value) >= 0 and math.isfinite(float(value))):
+                raise ValueError(f"{name} must be a non-negative number, got {value}")
         if energy_method not in ("auto", "histogram", "exact"):
             raise ValueError(f"energy_method must be 'auto', 'histogram' or 'exact', got {energy_method!r}")
         self.n_eff_threshold = float(n_eff_threshold)
         self.histogram_bin_width = float(histogram_bin_width)
         self.pressure_weight = float(pressure_weight)
+        self.energy_weight = float(energy_weight)
         self.energy_method = energy_method
         self.energy_tolerance = float(energy_tolerance)
         self.target_outside = target_outside
@@ -484,27 +489,20 @@ class ReweightingEstimator:
         targets_prepared = _prepare_targets(table, targets, self.r, self.target_outside)
         rows = [t.row for t in targets_prepared]
         parameters = [p for p in table.parameters() if p.requires_grad]
-        use_pressure = self.pressure_weight > 0
-        if use_pressure:
-            _check_pressure_state(state)
-        if use_pressure and getattr(state, "pressure", None) is None:
-            raise ValueError(f"pressure_weight > 0 but state {state.name!r} has no target pressure")
+        self._check_thermodynamic_targets(state)
         scale = float(state.weight) * float(loss_weight)
         with torch.enable_grad():
             if self.method_used == "histogram":
-                energy, virial = self._histogram_energy_and_virial(table, use_pressure)
+                energy, virial = self._histogram_energy_and_virial(table, self.pressure_weight > 0)
             else:
-                energy, virial = self._exact_energy_and_virial(table, use_pressure)
+                energy, virial = self._exact_energy_and_virial(table, self.pressure_weight > 0)
             log_w = -beta * (energy - self._reference_energy)
             weights = torch.softmax(log_w, 0)  # log-sum-exp, float64
             g_model = torch.einsum("s,stb->tb", weights, self._rdfs[:, rows])
             loss = _rdf_loss_terms(g_model, targets_prepared) * scale
-            pressure = None
-            if use_pressure:
-                kinetic = self._n_particles / beta / self._volumes
-                per_snapshot = (kinetic - virial / (3.0 * self._volumes)) * BAR_PER_KJ_PER_MOL_NM3
-                pressure = (weights * per_snapshot).sum()
-                loss = loss + self.pressure_weight * scale * (pressure - float(state.pressure)) ** 2
+            terms = self._thermodynamic_terms(state, weights, energy, virial)
+            for _, term_weight, value, target in terms:
+                loss = loss + term_weight * scale * (value - target) ** 2
         with torch.no_grad():
             w = weights.detach()
             entropy = -(w * torch.log(torch.clamp(w, min=1e-300))).sum()
@@ -523,8 +521,8 @@ class ReweightingEstimator:
             "rejected": False,
             "reason": "",
         }
-        if pressure is not None:
-            diagnostics["pressure"] = float(pressure.detach())
+        for name, _, value, _ in terms:
+            diagnostics[name] = float(value.detach())
         if not bool(torch.isfinite(loss.detach())) or not bool(torch.isfinite(w).all()):
             return self._reject(
                 "non-finite reweighting weights or loss (energies diverged at the new parameters)", diagnostics
@@ -553,7 +551,7 @@ class ReweightingEstimator:
         Returns
         -------
         rho : Tensor, shape (M,)
-            Weighted RDF differences (and the pressure difference if used).
+            Weighted RDF differences (then the pressure and the energy differences, if used).
         n_eff_fraction : float
             N_eff / N of the reweighting weights at the current parameters.
         """
@@ -562,16 +560,12 @@ class ReweightingEstimator:
         beta = float(state.beta)
         targets_prepared = _prepare_targets(table, targets, self.r, self.target_outside)
         rows = [t.row for t in targets_prepared]
-        use_pressure = self.pressure_weight > 0
-        if use_pressure:
-            _check_pressure_state(state)
-        if use_pressure and getattr(state, "pressure", None) is None:
-            raise ValueError(f"pressure_weight > 0 but state {state.name!r} has no target pressure")
+        self._check_thermodynamic_targets(state)
         scale = float(state.weight) * float(loss_weight)
         if self.method_used == "histogram":
-            energy, virial = self._histogram_energy_and_virial(table, use_pressure)
+            energy, virial = self._histogram_energy_and_virial(table, self.pressure_weight > 0)
         else:
-            energy, virial = self._exact_energy_and_virial(table, use_pressure)
+            energy, virial = self._exact_energy_and_virial(table, self.pressure_weight > 0)
         weights = torch.softmax(-beta * (energy - self._reference_energy), 0)
         g_model = torch.einsum("s,stb->tb", weights, self._rdfs[:, rows])
         parts = []
@@ -582,15 +576,32 @@ class ReweightingEstimator:
             else:
                 bin_weights = t.weights / t.weights.sum()
             parts.append(torch.sqrt(scale * bin_weights) * (g_model[k] - t.g))
-        if use_pressure:
-            kinetic = self._n_particles / beta / self._volumes
-            per_snapshot = (kinetic - virial / (3.0 * self._volumes)) * BAR_PER_KJ_PER_MOL_NM3
-            pressure = (weights * per_snapshot).sum()
-            parts.append((math.sqrt(self.pressure_weight * scale) * (pressure - float(state.pressure))).reshape(1))
+        for _, term_weight, value, target in self._thermodynamic_terms(state, weights, energy, virial):
+            parts.append((math.sqrt(term_weight * scale) * (value - target)).reshape(1))
         with torch.no_grad():
             w = weights.detach()
             n_eff = float(torch.exp(-(w * torch.log(torch.clamp(w, min=1e-300))).sum())) / w.shape[0]
         return torch.cat(parts), n_eff
+
+    def _check_thermodynamic_targets(self, state) -> None:
+        if self.pressure_weight > 0:
+            _check_pressure_state(state)
+            if getattr(state, "pressure", None) is None:
+                raise ValueError(f"pressure_weight > 0 but state {state.name!r} has no target pressure")
+        if self.energy_weight > 0 and getattr(state, "energy", None) is None:
+            raise ValueError(f"energy_weight > 0 but state {state.name!r} has no target energy")
+
+    def _thermodynamic_terms(self, state, weights: Tensor, energy: Tensor, virial: Optional[Tensor]):
+        """``(name, weight, reweighted mean, target)`` of the pressure (bar) and energy (kJ/mol per particle) terms."""
+        terms = []
+        if self.pressure_weight > 0:
+            kinetic = self._n_particles / float(state.beta) / self._volumes
+            per_snapshot = (kinetic - virial / (3.0 * self._volumes)) * BAR_PER_KJ_PER_MOL_NM3
+            terms.append(("pressure", self.pressure_weight, (weights * per_snapshot).sum(), float(state.pressure)))
+        if self.energy_weight > 0:
+            mean_energy = (weights * energy).sum() / self._n_particles
+            terms.append(("energy", self.energy_weight, mean_energy, float(state.energy)))
+        return terms
 
     def _reject(self, reason: str, diagnostics: Dict[str, Any]) -> EstimatorResult:
         if self.on_nonfinite == "raise":
@@ -613,25 +624,42 @@ class ReweightingEstimator:
 # -- rollouts --------------------------------------------------------------------------------
 
 
-class _FramePressure:
-    """Virial pressure (bar) of a rollout frame, averaged over replicas.
+class _FrameThermodynamics:
+    """Virial pressure (bar) and pair energy per particle (kJ/mol) of a rollout frame, averaged over replicas.
 
     ``P = N k T / V - Σ_pairs r u'(r) / (3 V)`` with the kinetic part from the
-    state temperature, the convention of :class:`ReweightingEstimator`, so both
-    estimators fit the same quantity. P depends on θ through the positions and
-    directly through u'; both backprop and the adjoint see both paths.
+    state temperature, and ``U / N = Σ_pairs u(r) / N``: the conventions of
+    :class:`ReweightingEstimator`, so both estimators fit the same quantities.
+    Both depend on θ through the positions and directly through u and u';
+    backprop and the adjoint see both paths. Returns the requested ones, in
+    the order (pressure, energy), as a float64 vector.
     """
 
-    def __init__(self, table: PairTable, species: Tensor, lengths: Tensor, beta: float):
+    def __init__(self, table: PairTable, species: Tensor, lengths: Tensor, beta: float, pressure: bool, energy: bool):
         self.table = table
         self.species = species
         self.lengths = lengths  # (3,) nm: a 1-D box is never mistaken for per-frame lengths
-        volume = float(lengths.prod())
-        self.kinetic = species.shape[0] / beta / volume * BAR_PER_KJ_PER_MOL_NM3
+        self.volume = float(lengths.prod())
+        self.n_particles = species.shape[0]
+        self.kinetic = self.n_particles / beta / self.volume * BAR_PER_KJ_PER_MOL_NM3
+        self.pressure = pressure
+        self.energy = energy
 
     def __call__(self, frame: Tensor) -> Tensor:
-        conf = configurational_pressure(self.table, frame, self.lengths, self.species)  # (B,) bar, float64
-        return self.kinetic + conf.mean()
+        pressures, energies = [], []
+        lengths = self.lengths.to(frame.dtype)
+        for replica in frame:  # (B, N, 3)
+            i, j = neighbor_pairs(replica, lengths, self.table.cutoff)
+            r = torch.sqrt((pair_displacements(replica, i, j, lengths) ** 2).sum(1))
+            u, du = self.table.energy_and_derivative(r, self.table.pair_types(self.species[i], self.species[j]))
+            pressures.append(-(r * du).sum().to(torch.float64) / (3.0 * self.volume))
+            energies.append(u.sum().to(torch.float64) / self.n_particles)
+        out = []
+        if self.pressure:
+            out.append(self.kinetic + torch.stack(pressures).mean() * BAR_PER_KJ_PER_MOL_NM3)
+        if self.energy:
+            out.append(torch.stack(energies).mean())
+        return torch.stack(out)
 
 
 class RolloutEstimator:
@@ -646,7 +674,8 @@ class RolloutEstimator:
     pressure ``N k T / V - Σ r u'(r) / (3 V)`` (kinetic part from
     ``state.temperature``, as in :class:`ReweightingEstimator`) averaged over
     the recorded frames and replicas; its gradient flows through the rollout
-    and through u' directly.
+    and through u' directly. ``energy_weight > 0`` adds
+    ``energy_weight * (⟨U⟩/N - state.energy)^2`` ((kJ/mol)^2) the same way.
 
     Parameters
     ----------
@@ -679,6 +708,8 @@ class RolloutEstimator:
         ``chain_length``, ``friction``).
     pressure_weight : float
         Weight of ``(⟨P⟩ - state.pressure)^2`` (bar^2) in the loss; 0 disables it.
+    energy_weight : float
+        Weight of ``(⟨U⟩/N - state.energy)^2`` ((kJ/mol)^2) in the loss; 0 disables it.
     target_outside : str
         ``outside`` argument of :meth:`Target.resample` for off-grid targets.
     on_nonfinite : {"reject", "raise"}
@@ -703,6 +734,7 @@ class RolloutEstimator:
         checkpoint_every: Optional[int] = 50,
         integrator_options: Optional[Dict[str, Any]] = None,
         pressure_weight: float = 0.0,
+        energy_weight: float = 0.0,
         target_outside: str = "error",
         on_nonfinite: str = "reject",
     ):
@@ -714,9 +746,9 @@ class RolloutEstimator:
             raise ValueError(f"n_replicas must be a positive integer, got {n_replicas}")
         if dtype not in (torch.float32, torch.float64):
             raise TypeError(f"dtype must be torch.float32 or torch.float64, got {dtype}")
-        pressure_weight = float(pressure_weight)
-        if not pressure_weight >= 0 or not math.isfinite(pressure_weight):
-            raise ValueError(f"pressure_weight must be a non-negative number, got {pressure_weight}")
+        for name, value in (("pressure_weight", pressure_weight), ("energy_weight", energy_weight)):
+            if not (float(value) >= 0 and math.isfinite(float(value))):
+                raise ValueError(f"{name} must be a non-negative number, got {value}")
         make_integrator(integrator, timestep, 1.0, **(integrator_options or {}))  # validate early
         self.n_steps = int(n_steps)
         self.record_every = int(record_every)
@@ -730,7 +762,8 @@ class RolloutEstimator:
         self.seed = int(seed)
         self.checkpoint_every = checkpoint_every
         self.integrator_options = dict(integrator_options or {})
-        self.pressure_weight = pressure_weight
+        self.pressure_weight = float(pressure_weight)
+        self.energy_weight = float(energy_weight)
         self.target_outside = target_outside
         self.on_nonfinite = _check_on_nonfinite(on_nonfinite)
         edges = rdf_bin_edges(self.r_range, self.n_bins)
@@ -754,9 +787,11 @@ class RolloutEstimator:
                 f"state {state.name!r} samples a user's Simulation whose other forces (bonds, ...) torch "
                 "rollouts cannot integrate; use the reweighting estimator for it"
             )
-        use_pressure = self.pressure_weight > 0
+        use_pressure, use_energy = self.pressure_weight > 0, self.energy_weight > 0
         if use_pressure and getattr(state, "pressure", None) is None:
             raise ValueError(f"pressure_weight > 0 but state {state.name!r} has no target pressure")
+        if use_energy and getattr(state, "energy", None) is None:
+            raise ValueError(f"energy_weight > 0 but state {state.name!r} has no target energy")
         targets_prepared = _prepare_targets(table, targets, self.r, self.target_outside)
         rows = [t.row for t in targets_prepared]
         chosen = self._choose(len(snapshots.positions))
@@ -784,9 +819,14 @@ class RolloutEstimator:
         scale = float(state.weight) * float(loss_weight)
 
         parameters = [p for p in table.parameters() if p.requires_grad]
-        pressure = None
-        if use_pressure:
-            pressure = _FramePressure(table, species_t, box_lengths(box_t), state.beta)
+        # (name, weight, target) of the thermodynamic terms, in the order _FrameThermodynamics returns them.
+        terms = [("pressure", self.pressure_weight, state.pressure)] if use_pressure else []
+        terms += [("energy", self.energy_weight, state.energy)] if use_energy else []
+        thermodynamics = None
+        if terms:
+            thermodynamics = _FrameThermodynamics(
+                table, species_t, box_lengths(box_t), state.beta, use_pressure, use_energy
+            )
         n_rdf = len(rows) * self.n_bins
 
         def rdfs(frame: Tensor) -> Tensor:
@@ -794,21 +834,21 @@ class RolloutEstimator:
             return g[rows]
 
         def observable(frame: Tensor) -> Tensor:
-            if pressure is None:
+            if thermodynamics is None:
                 return rdfs(frame)
-            # One flat vector per frame, (T * n_bins + 1,): the RDFs, then the pressure.
-            return torch.cat([rdfs(frame).reshape(-1).to(torch.float64), pressure(frame).reshape(1)])
+            # One flat vector per frame, (T * n_bins + len(terms),): the RDFs, then pressure and/or energy.
+            return torch.cat([rdfs(frame).reshape(-1).to(torch.float64), thermodynamics(frame)])
 
         def split(mean: Tensor) -> Tuple[Tensor, Optional[Tensor]]:
-            if pressure is None:
+            if thermodynamics is None:
                 return mean, None
-            return mean[:n_rdf].reshape(len(rows), self.n_bins), mean[n_rdf]
+            return mean[:n_rdf].reshape(len(rows), self.n_bins), mean[n_rdf:]
 
         def loss(mean: Tensor) -> Tensor:
-            g_mean, p_mean = split(mean)
+            g_mean, thermo_mean = split(mean)
             value = _rdf_loss_terms(g_mean, targets_prepared) * scale
-            if p_mean is not None:
-                value = value + self.pressure_weight * scale * (p_mean - float(state.pressure)) ** 2
+            for k, (_, weight, target) in enumerate(terms):
+                value = value + weight * scale * (thermo_mean[k] - float(target)) ** 2
             return value
 
         base = {"n_eff": float(len(chosen)), "n_eff_fraction": 1.0, "needs_resample": False, "n_replicas": len(chosen)}
@@ -834,14 +874,14 @@ class RolloutEstimator:
             rejected = _rejected(f"{exc}", dict(base, n_eff=float("nan"), n_eff_fraction=float("nan")))
             rejected.r = self.r.copy()
             return rejected
-        g_model, p_model = split(result.observable)
+        g_model, thermo_model = split(result.observable)
         diagnostics: Dict[str, Any] = dict(base)
         diagnostics.update(result.diagnostics)
         diagnostics.update(
             {"steps_run": int(result.diagnostics["steps_run"]), "grad_norm": grad_norm, "rejected": False, "reason": ""}
         )
-        if p_model is not None:
-            diagnostics["pressure"] = float(p_model)
+        for k, (name, _, _) in enumerate(terms):
+            diagnostics[name] = float(thermo_model[k])
         return EstimatorResult(
             result.loss,
             _rmse(g_model, targets_prepared),

@@ -72,6 +72,11 @@ class StatePoint:
         Target objects (e.g. :class:`openmm_diffsim.targets.Target`) for this state.
     weight : float
         Weight of this state in the training loss (non-negative).
+    energy : float or Quantity, optional
+        Target mean pair potential energy per particle in kJ/mol (the energy of
+        the learned pair potential alone, in the table's cutoff convention), for
+        an energy term in the loss. In a dense liquid g(r) barely sees a smooth
+        change of u(r) across the first shells that shifts this energy a lot.
 
     Examples
     --------
@@ -91,6 +96,7 @@ class StatePoint:
     pressure: Any = None
     targets: list = field(default_factory=list)
     weight: float = 1.0
+    energy: Any = None
 
     def __post_init__(self):
         self.name = str(self.name)
@@ -157,6 +163,8 @@ class StatePoint:
                     )
                 self.pressure = self.pressure.value_in_unit(unit.bar)
             self.pressure = to_float(self.pressure, "pressure")
+        if self.energy is not None:
+            self.energy = to_float(self.energy, f"state {self.name!r}: energy", "kilojoule_per_mole")
         self.targets = list(self.targets) if self.targets is not None else []
         self.weight = float(self.weight)
         if not math.isfinite(self.weight) or self.weight < 0:

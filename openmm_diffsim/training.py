@@ -546,8 +546,9 @@ class Trainer:
             record["rdf_rmse"][state.name] = dict(result.rdf_rmse)
             record["n_eff"][state.name] = result.diagnostics.get("n_eff_fraction")
             record["resampled"][state.name] = resampled
-            if result.diagnostics.get("pressure") is not None:
-                record.setdefault("pressure", {})[state.name] = float(result.diagnostics["pressure"])
+            for key in ("pressure", "energy"):
+                if result.diagnostics.get(key) is not None:
+                    record.setdefault(key, {})[state.name] = float(result.diagnostics[key])
             # Torch rollout steps are counted apart from OpenMM MD steps.
             self.rollout_steps += int(result.diagnostics.get("steps_run", 0) or 0)
         for p in self._trainable():
@@ -716,8 +717,9 @@ class Trainer:
             record["rdf_rmse"][state.name] = dict(result.rdf_rmse)
             record["n_eff"][state.name] = result.diagnostics.get("n_eff_fraction")
             record["resampled"][state.name] = resampled
-            if result.diagnostics.get("pressure") is not None:
-                record.setdefault("pressure", {})[state.name] = float(result.diagnostics["pressure"])
+            for key in ("pressure", "energy"):
+                if result.diagnostics.get(key) is not None:
+                    record.setdefault(key, {})[state.name] = float(result.diagnostics[key])
         record["rank_seconds"] = [part["seconds"] for part in gathered]
         distributed.all_reduce_gradients(self._trainable())
         return total, results
@@ -779,14 +781,16 @@ class Trainer:
         """One Levenberg–Marquardt step on the reweighted residuals (inverse Monte Carlo).
 
         The Jacobian of the reweighted RDFs is exact for the current snapshots;
-        a trial step is accepted when the reweighted loss drops and N_eff/N
-        stays above the estimator's threshold, otherwise the damping grows.
+        a trial step is accepted when the reweighted loss drops, N_eff/N
+        stays above the estimator's threshold and u(r) has no well inside the
+        excluded core (see :meth:`_has_core_hole`), otherwise the damping grows.
         """
         params = self._trainable()
         jtj, jtr, loss0 = self._residual_jacobian()
         diag = torch.diagonal(jtj).clone()
         diag = torch.clamp(diag, min=1e-12 * float(diag.max()) + 1e-300)
         threshold = min(est.n_eff_threshold for est in self.reweighting.values())
+        walls = self._wall_grids()
         damping = self._lm_damping
         start = [p.detach().clone() for p in params]
         accepted = False
@@ -806,7 +810,7 @@ class Trainer:
 
                 loss1 = float(self._reduce_residual_sums(loss1)[0])
                 n_eff = float(distributed.all_reduce(torch.tensor([n_eff], dtype=torch.float64), op="min")[0])
-            if math.isfinite(loss1) and loss1 < loss0 and n_eff >= threshold:
+            if math.isfinite(loss1) and loss1 < loss0 and n_eff >= threshold and not self._has_core_hole(walls):
                 accepted = True
                 damping = max(damping / 3.0, 1e-6)
                 break
@@ -844,13 +848,42 @@ class Trainer:
                         values.append(np.asarray(u, dtype=float) / kT)
         return values
 
+    def _wall_grids(self) -> List[tuple]:
+        """Per target pair: (pair, r grid from r_wall / 2 to r_wall), r_wall the first r where g_target > 1e-3."""
+        grids = []
+        for state in self.states:
+            for target in state.targets:
+                r = np.asarray(target.r, dtype=float)
+                seen = np.nonzero((np.asarray(target.g) > 1e-3) & (r > 0))[0]
+                if seen.size:
+                    r_wall = float(r[seen[0]])
+                    grids.append((tuple(target.pair), np.linspace(0.5 * r_wall, r_wall, 64)))
+        return grids
+
+    def _has_core_hole(self, grids) -> bool:
+        """True if u(r) somewhere inside the excluded core (below r_wall) is lower than u(r_wall), or not finite.
+
+        Data never constrain u(r) where g(r) = 0: a step may bend the spline
+        there into a well that sampling falls into (the state explodes
+        thousands of steps later). A core at least as high as its edge cannot trap.
+        """
+        with torch.no_grad():
+            for pair, r in grids:
+                u, _ = self.table.evaluate(r, pair=pair)
+                u = np.asarray(u, dtype=float)
+                if not np.all(np.isfinite(u)) or float(u.min()) < float(u[-1]) - 1e-9 * max(1.0, abs(float(u[-1]))):
+                    return True
+        return False
+
     def _imc_step(self) -> Dict[str, Any]:
         """One inverse Monte Carlo step: a damped Newton step, then fresh snapshots.
 
         Solves ``(JᵀJ + λ diag(JᵀJ)) δ = -Jᵀρ`` with the exact linear response
         ``J = -β cov(g, ∂U/∂θ)`` of the current snapshots (λ = ``imc_damping``)
         and shortens δ so that u(r) moves by at most ``max_potential_change``
-        kT wherever a target has g(r) > 0.05. The snapshots are then discarded:
+        kT wherever a target has g(r) > 0.05, and further while u(r) would have
+        a well inside the excluded core (below where g_target first exceeds
+        1e-3; see :meth:`_has_core_hole`). The snapshots are then discarded:
         unlike ``gauss-newton`` (which reuses snapshots inside an N_eff trust
         region, suited to small systems), every step starts from a fresh sample,
         which suits large systems where reweighting tolerates only tiny steps.
@@ -878,15 +911,22 @@ class Trainer:
         # A rolled-back step halves the learning rate; the IMC step (which has
         # none) shrinks its cap by the same factor, so a retry is not the same step.
         limit = self.options["max_potential_change"] * self.learning_rate / self.options["learning_rate"]
+        walls = self._wall_grids()
         scale = 1.0
         move(scale)
         moved = change()
         # u(r) is not linear in every parameter (σ of an analytic prior): shorten
-        # until the measured change obeys the cap.
-        for _ in range(20):
-            if math.isfinite(moved) and moved <= limit:
+        # until the measured change obeys the cap, and the core stays without a well.
+        hole_shrinks = 0
+        for _ in range(30):
+            capped = math.isfinite(moved) and moved <= limit
+            if capped and not self._has_core_hole(walls):
                 break
-            scale *= 0.9 * limit / moved if math.isfinite(moved) and moved > 0 else 0.1
+            if not capped:
+                scale *= 0.9 * limit / moved if math.isfinite(moved) and moved > 0 else 0.1
+            else:
+                hole_shrinks += 1
+                scale *= 0.5
             move(scale)
             moved = change()
         else:
@@ -894,7 +934,7 @@ class Trainer:
             moved = 0.0
             scale = 0.0
         self.snapshots.clear()
-        return {"max_change_kT": moved, "step_scale": scale, "loss_before": loss0}
+        return {"max_change_kT": moved, "step_scale": scale, "loss_before": loss0, "core_hole_shrinks": hole_shrinks}
 
     # -- main loop ----------------------------------------------------------------------
 
@@ -1084,6 +1124,8 @@ class Trainer:
                 parts.append(f"rmse[{name}:{pair}] {value:.4f}")
         for name, value in record.get("pressure", {}).items():
             parts.append(f"P[{name}] {value:.0f} bar")
+        for name, value in record.get("energy", {}).items():
+            parts.append(f"U/N[{name}] {value:.4f} kJ/mol")
         n_eff = [v for v in record["n_eff"].values() if v is not None]
         if n_eff:
             parts.append(f"N_eff {min(n_eff):.2f}")

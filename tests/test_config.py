@@ -118,6 +118,10 @@ def test_base_config_maps_sections_to_trainer(tmp_path):
     }
     assert config.sampler_options == {"platform": "CPU", "timestep": 0.004}
     assert config.state("mix") is config.states[0]
+    assert config.states[0].energy is None
+    data = _base()
+    data["state"][0]["energy"] = -4.5
+    assert parse_config(data, tmp_path).states[0].energy == -4.5
     with pytest.raises(ConfigError, match="no state named 'mx'.*did you mean 'mix'"):
         config.state("mx")
 
@@ -194,6 +198,7 @@ BROKEN = [
     (_set("potential/pairs/Ar-Ar/sigma", -0.34), r"potential\.pairs\.\"Ar-Ar\"\.sigma: must be positive, got -0\.34"),
     (_set("state", []), r"^state: need at least one state point"),
     (_set("state/0/weight", -1), r"state\[0\]\.weight: must be non-negative, got -1"),
+    (_set("state/0/energy", "low"), r"state\[0\]\.energy: must be a number, got a string 'low'"),
 ]
 
 

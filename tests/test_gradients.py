@@ -412,3 +412,123 @@ def test_targets_off_grid_are_resampled_and_bad_targets_rejected(lj_samples):
         )
     with pytest.raises(ValueError, match="record_every"):
         RolloutEstimator(n_steps=5, record_every=10)
+
+
+# -- energy term -------------------------------------------------------------------------------
+
+
+def with_energy(state, energy):
+    return StatePoint(
+        state.name, ["Ar"], [108], [MASS], TEMPERATURE, box=state.box, pressure=state.pressure, energy=energy
+    )
+
+
+def test_reweighting_energy_term_is_mean_pair_energy_and_has_exact_gradient(lj_samples):
+    from openmm_diffsim.energy import potential_energy
+
+    state, snapshots = lj_samples
+    state = with_energy(state, -4.0)
+    table = lj_table()
+    estimator = ReweightingEstimator(**GRID, energy_weight=0.5)
+    result = estimator(table, state, snapshots, [flat_target()])
+    box = torch.as_tensor(snapshots.boxes[0])
+    expected = np.mean(
+        [
+            float(potential_energy(table, torch.as_tensor(x), box, torch.zeros(108, dtype=torch.long)).detach()) / 108
+            for x in snapshots.positions
+        ]
+    )
+    assert result.diagnostics["energy"] == pytest.approx(expected, rel=1e-7)
+    # The loss is the RDF term plus weight * (<U>/N - target)^2.
+    plain = ReweightingEstimator(**GRID)(lj_table(), state, snapshots, [flat_target()])
+    assert result.loss == pytest.approx(plain.loss + 0.5 * (expected + 4.0) ** 2, rel=1e-7)
+    # Gradient of the reweighted loss (energy term included) against finite differences, away from θ0.
+    set_parameters(table, sigma=SIGMA * 1.002, epsilon=EPSILON * 0.98)
+    for p in table.parameters():
+        p.grad = None
+    estimator(table, state, snapshots, [flat_target()])
+    grads = {name: float(getattr(table.pair_potentials[0], name).grad) for name in ("sigma", "epsilon")}
+
+    def loss_at(**values):
+        saved = {name: float(getattr(table.pair_potentials[0], name).detach()) for name in values}
+        set_parameters(table, **values)
+        loss = estimator(table, state, snapshots, [flat_target()]).loss
+        set_parameters(table, **saved)
+        return loss
+
+    for name, step in (("sigma", 1e-6), ("epsilon", 1e-5)):
+        value = float(getattr(table.pair_potentials[0], name).detach())
+        fd = (loss_at(**{name: value + step}) - loss_at(**{name: value - step})) / (2 * step)
+        assert abs(fd) > 1e-6
+        assert grads[name] == pytest.approx(fd, rel=1e-5), name
+    # The residual vector of Gauss-Newton / IMC steps carries the same term: rho.rho is the loss.
+    rho, _ = estimator.residuals(table, state, [flat_target()])
+    assert float(rho @ rho) == pytest.approx(loss_at(), rel=1e-10)
+    assert rho.shape == (GRID["n_bins"] + 1,)
+
+
+def test_energy_term_needs_target_energy_and_valid_weight(lj_samples):
+    state, snapshots = lj_samples  # no target energy
+    with pytest.raises(ValueError, match="no target energy"):
+        ReweightingEstimator(**GRID, energy_weight=1.0)(lj_table(), state, snapshots, [flat_target()])
+    with pytest.raises(ValueError, match="no target energy"):
+        RolloutEstimator(**ROLLOUT, energy_weight=1.0)(lj_table(), state, snapshots, [flat_target()])
+    for bad in (-1.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="energy_weight"):
+            ReweightingEstimator(**GRID, energy_weight=bad)
+        with pytest.raises(ValueError, match="energy_weight"):
+            RolloutEstimator(**ROLLOUT, energy_weight=bad)
+    with pytest.raises(ValueError, match="energy must be finite"):
+        with_energy(state, float("nan"))
+
+
+def test_rollout_energy_gradient_matches_finite_differences_and_adjoint(lj_samples):
+    from openmm_diffsim.dynamics import PairForces, make_integrator, rollout
+    from openmm_diffsim.energy import potential_energy
+
+    state, snapshots = lj_samples
+    state = with_energy(state, -4.0)
+    targets = [flat_target(1.0)]
+
+    def run(table, adjoint=False):
+        return RolloutEstimator(**ROLLOUT, adjoint=adjoint, energy_weight=0.5, pressure_weight=1e-6)(
+            table, state, snapshots, targets
+        )
+
+    table = switched_lj_table()
+    result = run(table)
+    assert not result.diagnostics["rejected"], result.diagnostics["reason"]
+    chosen = RolloutEstimator(**ROLLOUT)._choose(len(snapshots))
+    box = torch.as_tensor(snapshots.boxes[0])
+    species = torch.zeros(108, dtype=torch.long)
+    with torch.no_grad():
+        frames = rollout(
+            PairForces(switched_lj_table(), [0] * 108, box),
+            state.particle_masses(),
+            make_integrator("nve", 0.002, TEMPERATURE),
+            torch.as_tensor(snapshots.positions[chosen]),
+            torch.as_tensor(snapshots.velocities[chosen]),
+            20,
+            5,
+        ).frames
+        expected = np.mean([float(potential_energy(table, x, box, species)) / 108 for frame in frames for x in frame])
+        expected_p = torch.stack(
+            [virial_pressure(table, frame, box, [0] * 108, temperature=TEMPERATURE).mean() for frame in frames]
+        ).mean()
+    assert result.diagnostics["energy"] == pytest.approx(expected, rel=1e-10)
+    assert result.diagnostics["pressure"] == pytest.approx(float(expected_p), rel=1e-10)
+    grads = {name: float(getattr(table.pair_potentials[0], name).grad) for name in ("sigma", "epsilon")}
+    adjoint_table = switched_lj_table()
+    run(adjoint_table, adjoint=True)
+    for name in grads:
+        assert float(getattr(adjoint_table.pair_potentials[0], name).grad) == pytest.approx(grads[name], rel=1e-6)
+
+    def loss_at(**values):
+        probe = switched_lj_table()
+        set_parameters(probe, **values)
+        return run(probe).loss
+
+    for name, value, step in (("sigma", SIGMA, 1e-6), ("epsilon", EPSILON, 1e-5)):
+        fd = (loss_at(**{name: value + step}) - loss_at(**{name: value - step})) / (2 * step)
+        assert abs(fd) > 1e-6
+        assert grads[name] == pytest.approx(fd, rel=1e-5), name

@@ -426,3 +426,47 @@ def test_resampling_one_state_keeps_the_other_states_gradient(tmp_path, monkeypa
     assert float(first.abs()) > 0
     torch.testing.assert_close(epoch2[2][1], first)  # state 1's gradient survived the discard
     torch.testing.assert_close(seen[-1], first + fresh_contribution)
+
+
+def test_imc_step_never_digs_a_well_into_the_excluded_core(tmp_path):
+    """A Newton step that would bend the spline into a well where g(r) = 0 is shortened until it does not."""
+    prior = od.SoftSphere(0.32, 1.0, 12)
+    prior.requires_grad_(False)
+    knots = np.linspace(0.29, 0.74, 16)
+    table = od.PairTable(
+        ["Ar"],
+        od.PotentialSum([prior, od.CubicSpline(knots, np.zeros_like(knots))]),
+        cutoff=CUTOFF,
+        cutoff_mode="shift",
+    )
+    trainer = Trainer(
+        table,
+        [small_state()],
+        "reweighting",
+        optimizer="imc",
+        max_potential_change=1e3,  # the cap does not bind: only the core check can shorten the step
+        imc_damping=1e-9,
+        progress=False,
+        output_dir=tmp_path,
+    )
+    walls = trainer._wall_grids()
+    assert len(walls) == 1 and 0.25 < walls[0][1][-1] < 0.32
+    assert not trainer._has_core_hole(walls)
+    # A step that lowers the first knot by 200 kJ/mol (the spline then continues inward with a rising slope).
+    push = torch.zeros(len(knots), dtype=torch.float64)
+    push[0] = 200.0
+    trainer._residual_jacobian = lambda: (torch.eye(len(knots), dtype=torch.float64), push, 1.0)
+    spline = table.pair_potentials[0].terms[1]
+    with torch.no_grad():
+        spline.values[0] -= 200.0
+    assert trainer._has_core_hole(walls)  # the full step would leave a well below r_wall
+    with torch.no_grad():
+        spline.values[0] += 200.0
+    step = trainer._imc_step()
+    assert step["core_hole_shrinks"] > 0
+    assert 0 < step["step_scale"] < 1
+    assert float(spline.values[0].detach()) < -1.0  # the knot still moved, part of the way
+    assert not trainer._has_core_hole(walls)
+    r = np.linspace(0.5 * walls[0][1][-1], walls[0][1][-1], 200)
+    u, _ = table.evaluate(r)
+    assert u.min() >= u[-1] - 1e-6

@@ -297,6 +297,12 @@ def run_demo(
         "training_seconds": trainer.wall_time,
         "final_loss": trainer.history[-1]["loss"] if trainer.history else None,
     }
+    last = trainer.history[-1] if trainer.history else {}
+    for key, target_value in (("pressure", TARGET_PRESSURE), ("energy", TARGET_ENERGY)):
+        # The last training sample's estimate (bar, kJ/mol per particle) next to its target.
+        if key in last:
+            summary[f"{key}_last_sample"] = float(next(iter(last[key].values())))
+            summary[f"{key}_target"] = target_value
     exports = output_dir / "export"
     exports.mkdir(parents=True, exist_ok=True)
     state = trainer.states[0]

@@ -285,6 +285,11 @@ def test_demo_quick_runs_end_to_end(tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["epochs"] == 4 and summary["md_steps_training"] > 0
     assert np.isfinite(summary["final_loss"])
+    # By default the demo fits the state's pressure and energy next to the RDF, and reports both.
+    from openmm_diffsim import demo
+
+    assert summary["pressure_target"] == demo.TARGET_PRESSURE and summary["energy_target"] == demo.TARGET_ENERGY
+    assert np.isfinite(summary["pressure_last_sample"]) and -20.0 < summary["energy_last_sample"] < 5.0
     for name in ("potential.png", "potential_vs_truth.png", "loss.png", "rdf_argon-liquid.png"):
         assert (out / "plots" / name).stat().st_size > 1000
     # The exported tabulated system reproduces the learned potential's energy.

@@ -246,6 +246,24 @@ def test_rollout_estimator_adjoint_equals_backprop_and_accumulates(lj_samples):
 ROLLOUT = dict(n_steps=20, record_every=5, n_replicas=2, seed=1, integrator="nve", dtype=torch.float64, **GRID)
 
 
+def reference_rollout_frames(state, snapshots):
+    """The frames ROLLOUT records from the snapshots it picks, integrated independently (no grad)."""
+    from openmm_diffsim.dynamics import PairForces, make_integrator, rollout
+
+    chosen = RolloutEstimator(**ROLLOUT)._choose(len(snapshots))
+    box = torch.as_tensor(snapshots.boxes[0])
+    with torch.no_grad():
+        return rollout(
+            PairForces(switched_lj_table(), [0] * 108, box),
+            state.particle_masses(),
+            make_integrator("nve", 0.002, TEMPERATURE),
+            torch.as_tensor(snapshots.positions[chosen]),
+            torch.as_tensor(snapshots.velocities[chosen]),
+            20,
+            5,
+        ).frames
+
+
 def switched_lj_table(sigma=SIGMA, epsilon=EPSILON):
     # u' continuous at the cutoff: a pair crossing it does not make the virial jump (finite differences).
     return od.PairTable(["Ar"], od.LennardJones(sigma, epsilon), cutoff=0.8, cutoff_mode="switch", switch_distance=0.7)
@@ -272,7 +290,6 @@ def test_rollout_pressure_adjoint_equals_backprop(lj_samples):
 
 
 def test_rollout_pressure_gradient_matches_finite_differences(lj_samples):
-    from openmm_diffsim.dynamics import PairForces, make_integrator, rollout
 
     state, snapshots = lj_samples
     targets = [flat_target(1.0)]
@@ -285,18 +302,9 @@ def test_rollout_pressure_gradient_matches_finite_differences(lj_samples):
     result = run(table)
     assert not result.diagnostics["rejected"], result.diagnostics["reason"]
     # The reported pressure is the virial pressure (kinetic part from T) of the frames, averaged.
-    chosen = RolloutEstimator(**ROLLOUT)._choose(len(snapshots))
     box = torch.as_tensor(snapshots.boxes[0])
+    frames = reference_rollout_frames(state, snapshots)
     with torch.no_grad():
-        frames = rollout(
-            PairForces(switched_lj_table(), [0] * 108, box),
-            state.particle_masses(),
-            make_integrator("nve", 0.002, TEMPERATURE),
-            torch.as_tensor(snapshots.positions[chosen]),
-            torch.as_tensor(snapshots.velocities[chosen]),
-            20,
-            5,
-        ).frames
         expected = torch.stack(
             [virial_pressure(table, frame, box, [0] * 108, temperature=TEMPERATURE).mean() for frame in frames]
         ).mean()
@@ -483,7 +491,6 @@ def test_energy_term_needs_target_energy_and_valid_weight(lj_samples):
 
 
 def test_rollout_energy_gradient_matches_finite_differences_and_adjoint(lj_samples):
-    from openmm_diffsim.dynamics import PairForces, make_integrator, rollout
     from openmm_diffsim.energy import potential_energy
 
     state, snapshots = lj_samples
@@ -498,19 +505,10 @@ def test_rollout_energy_gradient_matches_finite_differences_and_adjoint(lj_sampl
     table = switched_lj_table()
     result = run(table)
     assert not result.diagnostics["rejected"], result.diagnostics["reason"]
-    chosen = RolloutEstimator(**ROLLOUT)._choose(len(snapshots))
     box = torch.as_tensor(snapshots.boxes[0])
     species = torch.zeros(108, dtype=torch.long)
+    frames = reference_rollout_frames(state, snapshots)
     with torch.no_grad():
-        frames = rollout(
-            PairForces(switched_lj_table(), [0] * 108, box),
-            state.particle_masses(),
-            make_integrator("nve", 0.002, TEMPERATURE),
-            torch.as_tensor(snapshots.positions[chosen]),
-            torch.as_tensor(snapshots.velocities[chosen]),
-            20,
-            5,
-        ).frames
         expected = np.mean([float(potential_energy(table, x, box, species)) / 108 for frame in frames for x in frame])
         expected_p = torch.stack(
             [virial_pressure(table, frame, box, [0] * 108, temperature=TEMPERATURE).mean() for frame in frames]

@@ -347,11 +347,19 @@ def run_demo(
 # Inverse Monte Carlo: sample size once the RDF error is down to this loss.
 IMC_SNAPSHOTS = (100, 200)
 IMC_SWITCH_LOSS = 4e-4
+# At most this many steps take the large sample, which bounds the demo's cost
+# (~68 000 MD steps, under 10 minutes on 2 CPU cores) wherever the switch comes.
+IMC_LARGE_STEPS = 3
 
 
 def _grow_samples(trainer, record) -> None:
-    """Double the IMC sample once the RDF error nears the noise of the small sample."""
-    if record["loss"] < IMC_SWITCH_LOSS and trainer.options["n_snapshots"] < IMC_SNAPSHOTS[1]:
+    """Double the IMC sample once the RDF error nears the noise of the small sample (for the last steps only)."""
+    remaining = trainer.options["max_epochs"] - (record["epoch"] + 1)
+    if (
+        record["loss"] < IMC_SWITCH_LOSS
+        and remaining <= IMC_LARGE_STEPS
+        and trainer.options["n_snapshots"] < IMC_SNAPSHOTS[1]
+    ):
         trainer.options["n_snapshots"] = IMC_SNAPSHOTS[1]
         if trainer.options["progress"]:
             print(f"  RDF error near the sampling noise: {IMC_SNAPSHOTS[1]} snapshots per step from now on")

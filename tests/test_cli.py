@@ -386,3 +386,18 @@ def test_demo_potential_error_removes_only_the_cutoff_convention():
     assert error["u_rms_error_kT"] == pytest.approx(np.sqrt(np.mean(expected**2)), rel=1e-6)
     # Removing the best constant instead can only look better.
     assert error["u_rms_error_kT_mean_offset"] <= error["u_rms_error_kT"]
+
+
+def test_demo_grows_the_imc_sample_only_for_its_last_steps():
+    from types import SimpleNamespace
+
+    from openmm_diffsim import demo
+
+    def trainer_after(done, loss):
+        trainer = SimpleNamespace(options={"max_epochs": 10, "n_snapshots": 100, "progress": False})
+        demo._grow_samples(trainer, {"epoch": done - 1, "loss": loss})
+        return trainer.options["n_snapshots"]
+
+    assert trainer_after(3, 1e-5) == 100  # converged early: still the small sample (bounded cost)
+    assert trainer_after(7, 1e-5) == 200  # the last three steps take the large sample
+    assert trainer_after(8, 1e-2) == 100  # far from the target: no growth

@@ -428,17 +428,47 @@ def test_resampling_one_state_keeps_the_other_states_gradient(tmp_path, monkeypa
     torch.testing.assert_close(seen[-1], first + fresh_contribution)
 
 
-def test_imc_step_never_digs_a_well_into_the_excluded_core(tmp_path):
-    """A Newton step that would bend the spline into a well where g(r) = 0 is shortened until it does not."""
+def prior_plus_spline(knots):
     prior = od.SoftSphere(0.32, 1.0, 12)
     prior.requires_grad_(False)
-    knots = np.linspace(0.29, 0.74, 16)
-    table = od.PairTable(
+    return od.PairTable(
         ["Ar"],
         od.PotentialSum([prior, od.CubicSpline(knots, np.zeros_like(knots))]),
         cutoff=CUTOFF,
         cutoff_mode="shift",
     )
+
+
+def test_gauss_newton_refuses_a_step_that_digs_a_well_into_the_core(tmp_path):
+    knots = np.linspace(0.29, 0.74, 16)
+    table = prior_plus_spline(knots)
+    trainer = Trainer(table, [small_state()], "reweighting", optimizer="gauss-newton", progress=False)
+    push = torch.zeros(len(knots), dtype=torch.float64)
+    push[0] = 200.0  # lowers the first knot by ~200 kJ/mol: a well below r_wall
+    trainer._residual_jacobian = lambda: (torch.eye(len(knots), dtype=torch.float64), push, 1.0)
+    # Every trial "improves" the loss with plenty of N_eff: only the core check can refuse it.
+    trainer._residuals = lambda: (torch.zeros(1, dtype=torch.float64), 1.0)
+    trainer.reweighting = {"gas": type("E", (), {"n_eff_threshold": 0.5})()}
+    step = trainer._gauss_newton_step()
+    spline = table.pair_potentials[0].terms[1]
+    assert step["accepted"]  # a damped (shorter) trial passed
+    assert float(spline.values[0].detach()) < 0.0
+    assert not trainer._has_core_hole(trainer._wall_grids())
+    # With the check bypassed the first (least damped) trial would have been taken, well and all.
+    unguarded = Trainer(
+        prior_plus_spline(knots), [small_state()], "reweighting", optimizer="gauss-newton", progress=False
+    )
+    unguarded._residual_jacobian, unguarded._residuals = trainer._residual_jacobian, trainer._residuals
+    unguarded.reweighting = trainer.reweighting
+    unguarded._has_core_hole = lambda grids: False
+    unguarded._gauss_newton_step()
+    assert Trainer._has_core_hole(unguarded, unguarded._wall_grids())
+
+
+def test_imc_step_never_digs_a_well_into_the_excluded_core(tmp_path):
+    """A Newton step that would bend the spline into a well where g(r) = 0 is shortened until it does not."""
+    knots = np.linspace(0.29, 0.74, 16)
+    table = prior_plus_spline(knots)
     trainer = Trainer(
         table,
         [small_state()],

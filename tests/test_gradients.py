@@ -264,6 +264,20 @@ def reference_rollout_frames(state, snapshots):
         ).frames
 
 
+def assert_matches_central_differences(run, grads):
+    """``grads`` (sigma, epsilon) against central differences of ``run(table).loss`` on switched LJ tables."""
+
+    def loss_at(**values):
+        probe = switched_lj_table()
+        set_parameters(probe, **values)
+        return run(probe).loss
+
+    for name, value, step in (("sigma", SIGMA, 1e-6), ("epsilon", EPSILON, 1e-5)):
+        fd = (loss_at(**{name: value + step}) - loss_at(**{name: value - step})) / (2 * step)
+        assert abs(fd) > 1e-6
+        assert grads[name] == pytest.approx(fd, rel=1e-5), name
+
+
 def switched_lj_table(sigma=SIGMA, epsilon=EPSILON):
     # u' continuous at the cutoff: a pair crossing it does not make the virial jump (finite differences).
     return od.PairTable(["Ar"], od.LennardJones(sigma, epsilon), cutoff=0.8, cutoff_mode="switch", switch_distance=0.7)
@@ -310,16 +324,7 @@ def test_rollout_pressure_gradient_matches_finite_differences(lj_samples):
         ).mean()
     assert result.diagnostics["pressure"] == pytest.approx(float(expected), rel=1e-10)
     grads = {name: float(getattr(table.pair_potentials[0], name).grad) for name in ("sigma", "epsilon")}
-
-    def loss_at(**values):
-        probe = switched_lj_table()
-        set_parameters(probe, **values)
-        return run(probe).loss
-
-    for name, value, step in (("sigma", SIGMA, 1e-6), ("epsilon", EPSILON, 1e-5)):
-        fd = (loss_at(**{name: value + step}) - loss_at(**{name: value - step})) / (2 * step)
-        assert abs(fd) > 1e-6
-        assert grads[name] == pytest.approx(fd, rel=1e-5), name
+    assert_matches_central_differences(run, grads)
 
 
 def test_rollout_pressure_needs_target_pressure(lj_samples):
@@ -520,13 +525,4 @@ def test_rollout_energy_gradient_matches_finite_differences_and_adjoint(lj_sampl
     run(adjoint_table, adjoint=True)
     for name in grads:
         assert float(getattr(adjoint_table.pair_potentials[0], name).grad) == pytest.approx(grads[name], rel=1e-6)
-
-    def loss_at(**values):
-        probe = switched_lj_table()
-        set_parameters(probe, **values)
-        return run(probe).loss
-
-    for name, value, step in (("sigma", SIGMA, 1e-6), ("epsilon", EPSILON, 1e-5)):
-        fd = (loss_at(**{name: value + step}) - loss_at(**{name: value - step})) / (2 * step)
-        assert abs(fd) > 1e-6
-        assert grads[name] == pytest.approx(fd, rel=1e-5), name
+    assert_matches_central_differences(run, grads)

@@ -111,7 +111,7 @@ SCALES: Dict[str, Dict[str, Any]] = {
 }
 
 #: Per-method settings (same for every case). Snapshot budgets per epoch:
-#: IBI / reweighting / IMC 50 frames every 50 steps; rollouts 4 seeds every 200 steps.
+#: IBI / reweighting / gauss-newton 50 frames every 50 steps, imc 100; rollouts 4 seeds every 200 steps.
 METHOD_SETTINGS: Dict[str, Dict[str, Any]] = {
     "ibi": dict(mixing=0.5, smoothing=1, n_snapshots=50, snapshot_interval=50),
     # Adam moves every knot by ~lr per step: 0.05 kJ/mol overshot near the first

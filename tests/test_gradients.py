@@ -56,6 +56,27 @@ def set_parameters(table, **values):
             getattr(table.pair_potentials[0], name).fill_(value)
 
 
+def assert_reweighted_gradient(estimator, table, state, snapshots, targets, grads, loss_weight=1.0, min_fd=1e-8):
+    """``grads`` (sigma, epsilon) against central differences of the reweighted loss; returns the loss at the table.
+
+    The same table and snapshots objects throughout: the estimator keeps θ0 and its precomputed data.
+    """
+
+    def loss_at(**values):
+        saved = {name: float(getattr(table.pair_potentials[0], name).detach()) for name in values}
+        set_parameters(table, **values)
+        loss = estimator(table, state, snapshots, targets, loss_weight=loss_weight).loss
+        set_parameters(table, **saved)
+        return loss
+
+    for name, step in (("sigma", 1e-6), ("epsilon", 1e-5)):
+        value = float(getattr(table.pair_potentials[0], name).detach())
+        fd = (loss_at(**{name: value + step}) - loss_at(**{name: value - step})) / (2 * step)
+        assert abs(fd) > min_fd
+        assert grads[name] == pytest.approx(fd, rel=1e-5), name
+    return loss_at()
+
+
 def test_reweighting_gradient_matches_finite_differences(lj_samples):
     state, snapshots = lj_samples
     table = lj_table()
@@ -70,19 +91,7 @@ def test_reweighting_gradient_matches_finite_differences(lj_samples):
     assert 0.3 < result.diagnostics["n_eff_fraction"] < 1.0
     grads = {name: float(getattr(table.pair_potentials[0], name).grad) for name in ("sigma", "epsilon")}
 
-    def loss_at(**values):
-        # Same table and snapshots objects: the estimator keeps θ0 and its precomputed data.
-        saved = {name: float(getattr(table.pair_potentials[0], name).detach()) for name in values}
-        set_parameters(table, **values)
-        loss = estimator(table, state, snapshots, targets, loss_weight=2.0).loss
-        set_parameters(table, **saved)
-        return loss
-
-    for name, step in (("sigma", 1e-6), ("epsilon", 1e-5)):
-        value = float(getattr(table.pair_potentials[0], name).detach())
-        fd = (loss_at(**{name: value + step}) - loss_at(**{name: value - step})) / (2 * step)
-        assert abs(fd) > 1e-8
-        assert grads[name] == pytest.approx(fd, rel=1e-5), name
+    assert_reweighted_gradient(estimator, table, state, snapshots, targets, grads, loss_weight=2.0, min_fd=1e-8)
     # Gradients accumulate: each call adds its gradient to p.grad.
     for p in table.parameters():
         p.grad = None
@@ -461,22 +470,10 @@ def test_reweighting_energy_term_is_mean_pair_energy_and_has_exact_gradient(lj_s
         p.grad = None
     estimator(table, state, snapshots, [flat_target()])
     grads = {name: float(getattr(table.pair_potentials[0], name).grad) for name in ("sigma", "epsilon")}
-
-    def loss_at(**values):
-        saved = {name: float(getattr(table.pair_potentials[0], name).detach()) for name in values}
-        set_parameters(table, **values)
-        loss = estimator(table, state, snapshots, [flat_target()]).loss
-        set_parameters(table, **saved)
-        return loss
-
-    for name, step in (("sigma", 1e-6), ("epsilon", 1e-5)):
-        value = float(getattr(table.pair_potentials[0], name).detach())
-        fd = (loss_at(**{name: value + step}) - loss_at(**{name: value - step})) / (2 * step)
-        assert abs(fd) > 1e-6
-        assert grads[name] == pytest.approx(fd, rel=1e-5), name
+    loss = assert_reweighted_gradient(estimator, table, state, snapshots, [flat_target()], grads, min_fd=1e-6)
     # The residual vector of Gauss-Newton / IMC steps carries the same term: rho.rho is the loss.
     rho, _ = estimator.residuals(table, state, [flat_target()])
-    assert float(rho @ rho) == pytest.approx(loss_at(), rel=1e-10)
+    assert float((rho @ rho).detach()) == pytest.approx(loss, rel=1e-10)
     assert rho.shape == (GRID["n_bins"] + 1,)
 
 

@@ -613,7 +613,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--optimizer",
-        choices=["imc", "gauss-newton", "adam", "sgd"],
+        choices=["imc", "natural", "gauss-newton", "adam", "sgd"],
         help="default: imc (12 Newton steps) with reweighting, adam (150 steps) with the rollout family",
     )
     p.add_argument("--max-epochs", type=int, metavar="N", help="optimiser steps (default 12 with imc, else 150)")

@@ -932,7 +932,7 @@ def parse_config(
         if value is not None:
             trainer[name] = value
     for name, choices in (
-        ("optimizer", ("adam", "sgd", "gauss-newton", "imc")),
+        ("optimizer", ("adam", "sgd", "gauss-newton", "imc", "natural")),
         ("lr_schedule", ("constant", "cosine")),
     ):
         value = training.string(name, None, choices=choices)
@@ -1141,7 +1141,7 @@ reference = { type = "lennard-jones", sigma = 0.34, epsilon = 0.996 }
 [training]
 method = "reweighting"       # reweighting | rollout | adjoint | hybrid | ibi
 learning_rate = 0.01
-optimizer = "adam"           # "adam" | "sgd" | "imc" | "gauss-newton" (the last two: reweighting only)
+optimizer = "adam"           # "adam" | "sgd" | "natural" | "imc" | "gauss-newton" (the last two: reweighting only)
 # imc_damping = 0.01         # imc: damping of the Newton step (relative to diag of J^T J)
 # max_potential_change = 0.5 # imc: largest change of u(r) per step, kT
 # average_last = 4           # final potential = mean of the last 4 iterates

@@ -365,6 +365,12 @@ def _grow_samples(trainer, record) -> None:
             print(f"  RDF error near the sampling noise: {IMC_SNAPSHOTS[1]} snapshots per step from now on")
 
 
+# optimizer="natural": the largest change of u(r) of the first step (kT, decaying
+# to 5 % by the cosine schedule) and the number of steps.
+NATURAL_STEP_KT = 0.5
+NATURAL_EPOCHS = 20
+
+
 def _demo_settings(
     estimator: str,
     quick: bool,
@@ -418,6 +424,20 @@ def _demo_settings(
         settings["estimator_options"].update(n_steps=100, record_every=10, n_replicas=4)
         settings["n_snapshots"] = 8
         settings["snapshot_interval"] = 200
+    if optimizer == "natural":
+        # Fisher-preconditioned steps of a fixed length in u(r) (kT), decaying;
+        # 40 snapshots per step estimate the 28 x 28 metric (rollouts start
+        # from 4 of them).
+        settings.update(
+            learning_rate=NATURAL_STEP_KT,
+            lr_schedule="cosine",
+            max_epochs=NATURAL_EPOCHS,
+            n_snapshots=40,
+            snapshot_interval=50,
+            imc_damping=0.1,
+            average_last=4,
+            plot_every=5,
+        )
     if quick:
         settings.update(max_epochs=4, n_snapshots=8, snapshot_interval=20, equilibration_steps=200, plot_every=0)
     if max_epochs is not None:

@@ -60,6 +60,7 @@ __all__ = [
     "ReweightingEstimator",
     "RolloutEstimator",
     "clip_gradients",
+    "fisher_metric",
     "NonFiniteError",
 ]
 
@@ -619,6 +620,64 @@ class ReweightingEstimator:
             else:
                 energy, _ = self._exact_energy_and_virial(table, False)
             return torch.softmax(-float(state.beta) * (energy.detach() - self._reference_energy), 0)
+
+
+def fisher_metric(table: PairTable, state, snapshots, histogram_bin_width: float = 0.0005) -> Tensor:
+    """Fisher information of the Boltzmann distribution in the table's trainable parameters.
+
+    ``M = β² cov(∂U/∂θ, ∂U/∂θ)`` over the snapshots, U the pair energy of a
+    snapshot: the metric of the family p_θ(x) ∝ exp(-β U_θ(x)) (the Hessian of
+    the relative entropy). Preconditioning a loss gradient with it
+    (``optimizer="natural"`` in :class:`~openmm_diffsim.training.Trainer`)
+    turns a change of the RDF residual at r into a change of u(r) near r,
+    much as iterative Boltzmann inversion does, whatever the parametrisation.
+    Only the snapshots' statistics enter; no RDF is reweighted.
+
+    Parameters
+    ----------
+    table : PairTable
+        The model; ``M`` is over its parameters with ``requires_grad``, in
+        ``table.parameters()`` order, flattened.
+    state : StatePoint
+        The state the snapshots sample (its temperature, species, exclusions).
+    snapshots : Snapshots
+        At least two configurations sampled with the table's current parameters.
+    histogram_bin_width : float
+        Node spacing (nm) of the per-snapshot pair-distance histograms that
+        give U_θ (as in :class:`ReweightingEstimator`).
+
+    Returns
+    -------
+    Tensor, shape (P, P), float64
+        In (1/parameter unit)², e.g. (mol/kJ)² for spline values.
+    """
+    n_frames = len(np.asarray(snapshots.positions))
+    if n_frames < 2:
+        raise ValueError(f"fisher_metric needs at least two snapshots (a covariance), got {n_frames}")
+    params = [p for p in table.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("the table has no trainable parameters")
+    estimator = ReweightingEstimator(histogram_bin_width=histogram_bin_width)
+    estimator.reset(table, snapshots, state)
+    with torch.enable_grad():
+        if estimator.method_used == "histogram":
+            energy, _ = estimator._histogram_energy_and_virial(table, False)
+        else:
+            energy, _ = estimator._exact_energy_and_virial(table, False)
+        rows = []
+        for s in range(n_frames):
+            grads = torch.autograd.grad(energy[s], params, retain_graph=True, allow_unused=True)
+            rows.append(
+                torch.cat(
+                    [(torch.zeros_like(p) if g is None else g).reshape(-1) for g, p in zip(grads, params, strict=True)]
+                )
+            )
+    derivatives = torch.stack(rows).detach().to(torch.float64)
+    if not bool(torch.isfinite(derivatives).all()):
+        raise NonFiniteError("non-finite energy derivatives in fisher_metric")
+    centred = derivatives - derivatives.mean(0)
+    beta = float(state.beta)
+    return beta * beta * (centred.T @ centred) / (n_frames - 1)
 
 
 # -- rollouts --------------------------------------------------------------------------------

@@ -243,11 +243,11 @@ class _SmearedHistogram(torch.autograd.Function):
     def backward(ctx, grad_hist):
         distances, groups = ctx.saved_tensors
         window = ctx.window
-        padded = torch.zeros(grad_hist.shape[0], window.stride, dtype=torch.float64, device=grad_hist.device)
-        padded[:, window.pad : window.pad + window.n_bins] = grad_hist
-        padded = padded.reshape(-1)
-        grad_d = torch.empty(distances.shape[0], dtype=torch.float64, device=distances.device)
+        # Out-of-place throughout, so that the backward also runs batched under
+        # torch.vmap (Jacobians by is_grads_batched, RolloutEstimator.jacobian).
+        padded = torch.nn.functional.pad(grad_hist.to(torch.float64), (window.pad, window.pad)).reshape(-1)
         pdf_scale = 1.0 / (window.sigma * math.sqrt(2.0 * math.pi))
+        parts = []
         for begin in range(0, distances.shape[0], window.chunk):
             d = distances[begin : begin + window.chunk].detach().to(torch.float64)
             part = groups[begin : begin + window.chunk] if ctx.grouped else None
@@ -255,7 +255,8 @@ class _SmearedHistogram(torch.autograd.Function):
             pdf = torch.exp(-0.5 * z * z)
             # d/dd [Phi((e1-d)/s) - Phi((e0-d)/s)] = -(pdf(e1) - pdf(e0))
             dweight = pdf[:, :-1] - pdf[:, 1:]
-            grad_d[begin : begin + window.chunk] = (padded[bins] * dweight).sum(1) * pdf_scale
+            parts.append((padded[bins] * dweight).sum(1) * pdf_scale)
+        grad_d = torch.cat(parts) if parts else distances.new_zeros(distances.shape[0], dtype=torch.float64)
         return grad_d.to(distances.dtype), None, None, None
 
 

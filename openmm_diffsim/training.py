@@ -44,7 +44,7 @@ __all__ = ["Trainer", "TrainingError", "boltzmann_inversion", "fit_table_to_curv
 logger = logging.getLogger("openmm_diffsim.training")
 
 ESTIMATORS = ("reweighting", "rollout", "adjoint", "hybrid")
-OPTIMIZERS = ("adam", "sgd", "gauss-newton", "imc")
+OPTIMIZERS = ("adam", "sgd", "gauss-newton", "imc", "natural")
 CHECKPOINT_NAME = "checkpoint.pt"
 LOG_NAME = "log.jsonl"
 
@@ -187,7 +187,12 @@ class Trainer:
         Monte Carlo matrix) under an N_eff trust region; ``imc`` (reweighting
         only) takes one damped Newton step with that Jacobian per fresh sample,
         capped in potential change (inverse Monte Carlo). Both ignore
-        ``learning_rate``.
+        ``learning_rate``. ``natural`` (any estimator) preconditions the
+        gradient with the Fisher metric of the Boltzmann distribution
+        (:func:`~openmm_diffsim.gradients.fisher_metric`, damped by
+        ``imc_damping``) and steps so that u(r) changes by ``learning_rate``
+        kT where g(r) > 0.05 (under ``lr_schedule``): the optimiser the
+        rollout estimators need.
     max_epochs : int
         Number of optimiser steps.
     n_snapshots, snapshot_interval : int
@@ -240,8 +245,9 @@ class Trainer:
         If > 1, the final parameters are the mean of the last ``average_last``
         iterates (iterate averaging against the noise of the last steps).
     imc_damping : float
-        ``optimizer="imc"``: Tikhonov damping λ of the Newton step, relative to
-        the diagonal of ``JᵀJ``; larger is steadier against sampling noise.
+        ``optimizer="imc"`` or ``"natural"``: Tikhonov damping λ of the Newton step, relative to
+        the diagonal of ``JᵀJ`` (of the Fisher metric for ``natural``); larger
+        is steadier against sampling noise.
     max_potential_change : float
         ``optimizer="imc"``: the largest change of u(r) per step, in kT (of the
         coldest state), where a target has g(r) > 0.05; halved with every
@@ -356,11 +362,14 @@ class Trainer:
         self.best_epoch = -1
         self.best_state: Optional[Dict[str, torch.Tensor]] = None
         self.learning_rate = float(learning_rate)
+        self.learning_rate_now = float(learning_rate)  # after the schedule
         self.samplers: Dict[str, Any] = {}
         self.snapshots: Dict[str, Any] = {}
         self._sampler_states: Dict[str, Dict[str, Any]] = {}
         self._initialised = False
         self._lm_damping = 1.0
+        self._natural_scale: Optional[float] = None  # optimizer="natural": step fraction f
+        self._natural_last_loss: Optional[float] = None
         self._build_estimators()
         self.optimizer = self._make_optimizer()
 
@@ -394,7 +403,7 @@ class Trainer:
 
     def _make_optimizer(self):
         groups = self._param_groups()
-        if self.options["optimizer"] in ("adam", "gauss-newton", "imc"):
+        if self.options["optimizer"] in ("adam", "gauss-newton", "imc", "natural"):
             # Gauss-Newton steps are taken by the trainer; the Adam object only
             # keeps checkpoints uniform.
             return torch.optim.Adam(groups, lr=self.learning_rate)
@@ -560,6 +569,8 @@ class Trainer:
             record["gauss_newton"] = self._gauss_newton_step()
         elif self.options["optimizer"] == "imc":
             record["imc"] = self._imc_step()
+        elif self.options["optimizer"] == "natural":
+            record["natural"] = self._natural_step(total)
         else:
             self.optimizer.step()
         if self._dist is not None:
@@ -875,24 +886,16 @@ class Trainer:
                     return True
         return False
 
-    def _imc_step(self) -> Dict[str, Any]:
-        """One inverse Monte Carlo step: a damped Newton step, then fresh snapshots.
+    def _move_within(self, step: torch.Tensor, limit: float, normalise: bool = False) -> tuple:
+        """Move the parameters by ``scale * step``, u(r) changing by at most ``limit`` kT.
 
-        Solves ``(JᵀJ + λ diag(JᵀJ)) δ = -Jᵀρ`` with the exact linear response
-        ``J = -β cov(g, ∂U/∂θ)`` of the current snapshots (λ = ``imc_damping``)
-        and shortens δ so that u(r) moves by at most ``max_potential_change``
-        kT wherever a target has g(r) > 0.05, and further while u(r) would have
-        a well inside the excluded core (below where g_target first exceeds
-        1e-3; see :meth:`_has_core_hole`). The snapshots are then discarded:
-        unlike ``gauss-newton`` (which reuses snapshots inside an N_eff trust
-        region, suited to small systems), every step starts from a fresh sample,
-        which suits large systems where reweighting tolerates only tiny steps.
+        The change is measured where a target has g(r) > 0.05; ``scale`` starts
+        at 1 (or, with ``normalise``, at the value that makes the change equal
+        ``limit``) and shrinks until the change obeys the limit and the core
+        has no well (:meth:`_has_core_hole`). Returns ``(change_kT, scale,
+        core_hole_shrinks)``; a step that cannot be made safe is not taken.
         """
         params = self._trainable()
-        jtj, jtr, loss0 = self._residual_jacobian()
-        diag = torch.diagonal(jtj).clone()
-        diag = torch.clamp(diag, min=1e-12 * float(diag.max()) + 1e-300)
-        step = -torch.linalg.solve(jtj + self.options["imc_damping"] * torch.diag(diag), jtr)
         start = [p.detach().clone() for p in params]
         before = self._potential_on_target_grid()
 
@@ -908,18 +911,19 @@ class Trainer:
             after = self._potential_on_target_grid()
             return max((float(np.abs(a - b).max()) for a, b in zip(after, before, strict=True)), default=0.0)
 
-        # A rolled-back step halves the learning rate; the IMC step (which has
-        # none) shrinks its cap by the same factor, so a retry is not the same step.
-        limit = self.options["max_potential_change"] * self.learning_rate / self.options["learning_rate"]
         walls = self._wall_grids()
         scale = 1.0
         move(scale)
         moved = change()
+        if normalise and math.isfinite(moved) and moved > 0:
+            scale = limit / moved
+            move(scale)
+            moved = change()
         # u(r) is not linear in every parameter (σ of an analytic prior): shorten
         # until the measured change obeys the cap, and the core stays without a well.
         hole_shrinks = 0
         for _ in range(30):
-            capped = math.isfinite(moved) and moved <= limit
+            capped = math.isfinite(moved) and moved <= limit * (1.0 + 1e-9)
             if capped and not self._has_core_hole(walls):
                 break
             if not capped:
@@ -933,6 +937,87 @@ class Trainer:
             move(0.0)
             moved = 0.0
             scale = 0.0
+        return moved, scale, hole_shrinks
+
+    def _natural_step(self, loss: float) -> Dict[str, Any]:
+        """One natural-gradient step: the loss gradient preconditioned with the Fisher metric.
+
+        Solves ``(M + λ diag M) δ = -∇L`` with ``M`` the Fisher information of
+        the Boltzmann distribution (:func:`~openmm_diffsim.gradients.fisher_metric`,
+        summed over the states' current snapshots, λ = ``imc_damping``), and
+        scales δ so that u(r) changes by ``f * learning_rate`` kT where a
+        target has g(r) > 0.05 (the learning rate under ``lr_schedule``; less
+        while the core would have a well): f = 1 at first, halved after a step
+        that raised the (freshly estimated) loss, grown 1.2× up to 1 after one
+        that lowered it. ``loss`` is this epoch's loss, at the current parameters. The
+        gradient may come from any estimator: with rollouts it is the
+        preconditioner a short rollout's gradient needs (its raw direction
+        barely lowers the loss; docs/gradients.md).
+        """
+        from .gradients import fisher_metric
+
+        params = self._trainable()
+        metric = None
+        for state in self._states_here():
+            snapshots = self.snapshots.get(state.name)
+            if snapshots is None:
+                raise RuntimeError(f"no snapshots of state {state.name!r} for the natural-gradient metric")
+            m = float(state.weight) * fisher_metric(self.table, state, snapshots)
+            metric = m if metric is None else metric + m
+        n_params = sum(p.numel() for p in params)
+        if metric is None:
+            metric = torch.zeros(n_params, n_params, dtype=torch.float64)
+        if self._dist is not None:
+            (metric,) = self._reduce_residual_sums(metric)
+        grad = torch.cat(
+            [(torch.zeros_like(p) if p.grad is None else p.grad).reshape(-1).to(torch.float64) for p in params]
+        )
+        diag = torch.clamp(torch.diagonal(metric).clone(), min=1e-12 * float(torch.diagonal(metric).max()) + 1e-300)
+        direction = -torch.linalg.solve(metric + self.options["imc_damping"] * torch.diag(diag), grad)
+        # The metric fixes the direction, not the length: a short rollout sees
+        # only part of the equilibrium response, and the RDF, pressure and
+        # energy terms want factors orders of magnitude apart. Every step is
+        # therefore scaled to move u(r) by a fraction f of the (scheduled)
+        # learning rate in kT: f = 1 at first, halved after a step that raised
+        # the (freshly estimated) loss, grown 1.2x (to at most 1) after one that lowered it.
+        if self._natural_scale is None or self._natural_last_loss is None:
+            fraction, adapted = 1.0, "first"
+        elif loss > self._natural_last_loss:
+            fraction, adapted = 0.5 * self._natural_scale, "halved"
+        else:
+            fraction, adapted = min(1.0, 1.2 * self._natural_scale), "grown"
+        moved, scale, hole_shrinks = self._move_within(direction, fraction * self.learning_rate_now, normalise=True)
+        self._natural_scale = fraction
+        self._natural_last_loss = float(loss)
+        return {
+            "max_change_kT": moved,
+            "fraction": fraction,
+            "step_scale": scale,
+            "adapted": adapted,
+            "core_hole_shrinks": hole_shrinks,
+        }
+
+    def _imc_step(self) -> Dict[str, Any]:
+        """One inverse Monte Carlo step: a damped Newton step, then fresh snapshots.
+
+        Solves ``(JᵀJ + λ diag(JᵀJ)) δ = -Jᵀρ`` with the exact linear response
+        ``J = -β cov(g, ∂U/∂θ)`` of the current snapshots (λ = ``imc_damping``)
+        and shortens δ so that u(r) moves by at most ``max_potential_change``
+        kT wherever a target has g(r) > 0.05, and further while u(r) would have
+        a well inside the excluded core (below where g_target first exceeds
+        1e-3; see :meth:`_has_core_hole`). The snapshots are then discarded:
+        unlike ``gauss-newton`` (which reuses snapshots inside an N_eff trust
+        region, suited to small systems), every step starts from a fresh sample,
+        which suits large systems where reweighting tolerates only tiny steps.
+        """
+        jtj, jtr, loss0 = self._residual_jacobian()
+        diag = torch.diagonal(jtj).clone()
+        diag = torch.clamp(diag, min=1e-12 * float(diag.max()) + 1e-300)
+        step = -torch.linalg.solve(jtj + self.options["imc_damping"] * torch.diag(diag), jtr)
+        # A rolled-back step halves the learning rate; the IMC step (which has
+        # none) shrinks its cap by the same factor, so a retry is not the same step.
+        limit = self.options["max_potential_change"] * self.learning_rate / self.options["learning_rate"]
+        moved, scale, hole_shrinks = self._move_within(step, limit)
         self.snapshots.clear()
         return {"max_change_kT": moved, "step_scale": scale, "loss_before": loss0, "core_hole_shrinks": hole_shrinks}
 
@@ -963,6 +1048,7 @@ class Trainer:
             frac = self.epoch / max(1, self.options["max_epochs"])
             base = self.learning_rate * 0.5 * (1 + math.cos(math.pi * frac))
             base = max(base, 0.05 * self.learning_rate)
+        self.learning_rate_now = base
         for group in self.optimizer.param_groups:
             group["lr"] = base * group.get("scale", 1.0)
 
@@ -1165,6 +1251,8 @@ class Trainer:
             "rollout_calls": {name: est.calls for name, est in self.rollouts.items()},
             "recent_parameters": self._recent_parameters,
             "averaged_epoch": self.averaged_epoch,
+            "natural_scale": self._natural_scale,
+            "natural_last_loss": self._natural_last_loss,
             "torch_rng": torch.get_rng_state(),
         }
 
@@ -1239,6 +1327,8 @@ class Trainer:
             trainer._sampler_states.pop(name, None)
         trainer._recent_parameters = list(data.get("recent_parameters", []))
         trainer.averaged_epoch = data.get("averaged_epoch")
+        trainer._natural_scale = data.get("natural_scale")
+        trainer._natural_last_loss = data.get("natural_last_loss")
         for name, calls in data.get("rollout_calls", {}).items():
             if name in trainer.rollouts:
                 trainer.rollouts[name].calls = int(calls)

@@ -614,9 +614,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--optimizer",
         choices=["imc", "natural", "gauss-newton", "adam", "sgd"],
-        help="default: imc (12 Newton steps) with reweighting, adam (150 steps) with the rollout family",
+        help="default: imc (10 Newton steps) with reweighting, adam (150 steps) with the rollout family",
     )
-    p.add_argument("--max-epochs", type=int, metavar="N", help="optimiser steps (default 12 with imc, else 150)")
+    p.add_argument(
+        "--max-epochs", type=int, metavar="N", help="optimiser steps (default 10 with imc, 20 with natural, else 150)"
+    )
     p.add_argument("--resume", action="store_true", help="continue from the output folder's checkpoint")
     p.add_argument(
         "--pressure-weight", type=float, metavar="W", help="weight of the pressure term, 1/bar^2 (0 turns it off)"

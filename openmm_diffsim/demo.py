@@ -250,10 +250,12 @@ def run_demo(
     pressure_weight : float, optional
         Weight (1/bar^2) of the squared deviation from the true potential's
         pressure, :data:`TARGET_PRESSURE`; default :data:`PRESSURE_WEIGHT`, 0 turns it off.
-    optimizer : {"imc", "gauss-newton", "adam", "sgd"}, optional
-        Default: ``"imc"`` (inverse Monte Carlo Newton steps, 12 of them, the
-        sample growing from 100 to 200 snapshots) with the reweighting
-        estimator, ``"adam"`` (150 steps) with the rollout family.
+    optimizer : {"imc", "natural", "gauss-newton", "adam", "sgd"}, optional
+        Default: ``"imc"`` (inverse Monte Carlo Newton steps, 10 of them, the
+        sample growing from 100 to 200 snapshots for the last 3) with the
+        reweighting estimator, ``"adam"`` (150 steps) with the rollout family.
+        ``"natural"``: 20 Fisher-preconditioned steps of at most 0.5 kT on 40
+        snapshots each (docs/training.md: with the energy term they overshoot).
 
     energy_weight : float, optional
         Weight ((kJ/mol)^-2) of the squared deviation from the true potential's

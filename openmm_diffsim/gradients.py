@@ -455,6 +455,12 @@ class ReweightingEstimator:
             (d2u,) = torch.autograd.grad(du.sum(), r, create_graph=True)
         return u, du, d2u
 
+    def _energy_and_virial(self, table: PairTable, need_virial: bool) -> Tuple[Tensor, Optional[Tensor]]:
+        """Per-snapshot pair energy (and Σ r u'(r)) at the table's parameters, by the method chosen at :meth:`reset`."""
+        if self.method_used == "histogram":
+            return self._histogram_energy_and_virial(table, need_virial)
+        return self._exact_energy_and_virial(table, need_virial)
+
     def _histogram_energy_and_virial(self, table: PairTable, need_virial: bool) -> Tuple[Tensor, Optional[Tensor]]:
         with torch.enable_grad():
             u, du, d2u = self._node_values(table, need_virial)
@@ -493,10 +499,7 @@ class ReweightingEstimator:
         self._check_thermodynamic_targets(state)
         scale = float(state.weight) * float(loss_weight)
         with torch.enable_grad():
-            if self.method_used == "histogram":
-                energy, virial = self._histogram_energy_and_virial(table, self.pressure_weight > 0)
-            else:
-                energy, virial = self._exact_energy_and_virial(table, self.pressure_weight > 0)
+            energy, virial = self._energy_and_virial(table, self.pressure_weight > 0)
             log_w = -beta * (energy - self._reference_energy)
             weights = torch.softmax(log_w, 0)  # log-sum-exp, float64
             g_model = torch.einsum("s,stb->tb", weights, self._rdfs[:, rows])
@@ -563,10 +566,7 @@ class ReweightingEstimator:
         rows = [t.row for t in targets_prepared]
         self._check_thermodynamic_targets(state)
         scale = float(state.weight) * float(loss_weight)
-        if self.method_used == "histogram":
-            energy, virial = self._histogram_energy_and_virial(table, self.pressure_weight > 0)
-        else:
-            energy, virial = self._exact_energy_and_virial(table, self.pressure_weight > 0)
+        energy, virial = self._energy_and_virial(table, self.pressure_weight > 0)
         weights = torch.softmax(-beta * (energy - self._reference_energy), 0)
         g_model = torch.einsum("s,stb->tb", weights, self._rdfs[:, rows])
         parts = []
@@ -615,10 +615,7 @@ class ReweightingEstimator:
         if self._snapshots is None:
             raise RuntimeError("call reset(table, snapshots) or the estimator first")
         with torch.no_grad():
-            if self.method_used == "histogram":
-                energy, _ = self._histogram_energy_and_virial(table, False)
-            else:
-                energy, _ = self._exact_energy_and_virial(table, False)
+            energy, _ = self._energy_and_virial(table, False)
             return torch.softmax(-float(state.beta) * (energy.detach() - self._reference_energy), 0)
 
 
@@ -660,10 +657,7 @@ def fisher_metric(table: PairTable, state, snapshots, histogram_bin_width: float
     estimator = ReweightingEstimator(histogram_bin_width=histogram_bin_width)
     estimator.reset(table, snapshots, state)
     with torch.enable_grad():
-        if estimator.method_used == "histogram":
-            energy, _ = estimator._histogram_energy_and_virial(table, False)
-        else:
-            energy, _ = estimator._exact_energy_and_virial(table, False)
+        energy, _ = estimator._energy_and_virial(table, False)
         rows = []
         for s in range(n_frames):
             grads = torch.autograd.grad(energy[s], params, retain_graph=True, allow_unused=True)

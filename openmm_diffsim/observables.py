@@ -244,7 +244,7 @@ class _SmearedHistogram(torch.autograd.Function):
         distances, groups = ctx.saved_tensors
         window = ctx.window
         # Out-of-place throughout, so that the backward also runs batched under
-        # torch.vmap (Jacobians by is_grads_batched, RolloutEstimator.jacobian).
+        # torch.vmap: a Jacobian of the RDF by autograd.grad(..., is_grads_batched=True).
         padded = torch.nn.functional.pad(grad_hist.to(torch.float64), (window.pad, window.pad)).reshape(-1)
         pdf_scale = 1.0 / (window.sigma * math.sqrt(2.0 * math.pi))
         parts = []

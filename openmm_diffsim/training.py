@@ -362,13 +362,13 @@ class Trainer:
         self.best_epoch = -1
         self.best_state: Optional[Dict[str, torch.Tensor]] = None
         self.learning_rate = float(learning_rate)
-        self.learning_rate_now = float(learning_rate)  # after the schedule
+        self._learning_rate_now = float(learning_rate)  # after the schedule
         self.samplers: Dict[str, Any] = {}
         self.snapshots: Dict[str, Any] = {}
         self._sampler_states: Dict[str, Dict[str, Any]] = {}
         self._initialised = False
         self._lm_damping = 1.0
-        self._natural_scale: Optional[float] = None  # optimizer="natural": step fraction f
+        self._natural_fraction: Optional[float] = None  # optimizer="natural": step fraction f
         self._natural_last_loss: Optional[float] = None
         self._build_estimators()
         self.optimizer = self._make_optimizer()
@@ -798,8 +798,6 @@ class Trainer:
         """
         params = self._trainable()
         jtj, jtr, loss0 = self._residual_jacobian()
-        diag = torch.diagonal(jtj).clone()
-        diag = torch.clamp(diag, min=1e-12 * float(diag.max()) + 1e-300)
         threshold = min(est.n_eff_threshold for est in self.reweighting.values())
         walls = self._wall_grids()
         damping = self._lm_damping
@@ -807,7 +805,7 @@ class Trainer:
         accepted = False
         loss1 = loss0
         for _ in range(12):
-            step = -torch.linalg.solve(jtj + damping * torch.diag(diag), jtr)
+            step = _damped_solve(jtj, jtr, damping)
             offset = 0
             with torch.no_grad():
                 for p, p0 in zip(params, start, strict=True):
@@ -972,22 +970,21 @@ class Trainer:
         grad = torch.cat(
             [(torch.zeros_like(p) if p.grad is None else p.grad).reshape(-1).to(torch.float64) for p in params]
         )
-        diag = torch.clamp(torch.diagonal(metric).clone(), min=1e-12 * float(torch.diagonal(metric).max()) + 1e-300)
-        direction = -torch.linalg.solve(metric + self.options["imc_damping"] * torch.diag(diag), grad)
+        direction = _damped_solve(metric, grad, self.options["imc_damping"])
         # The metric fixes the direction, not the length: a short rollout sees
         # only part of the equilibrium response, and the RDF, pressure and
         # energy terms want factors orders of magnitude apart. Every step is
         # therefore scaled to move u(r) by a fraction f of the (scheduled)
         # learning rate in kT: f = 1 at first, halved after a step that raised
         # the (freshly estimated) loss, grown 1.2x (to at most 1) after one that lowered it.
-        if self._natural_scale is None or self._natural_last_loss is None:
+        if self._natural_fraction is None or self._natural_last_loss is None:
             fraction, adapted = 1.0, "first"
         elif loss > self._natural_last_loss:
-            fraction, adapted = 0.5 * self._natural_scale, "halved"
+            fraction, adapted = 0.5 * self._natural_fraction, "halved"
         else:
-            fraction, adapted = min(1.0, 1.2 * self._natural_scale), "grown"
-        moved, scale, hole_shrinks = self._move_within(direction, fraction * self.learning_rate_now, normalise=True)
-        self._natural_scale = fraction
+            fraction, adapted = min(1.0, 1.2 * self._natural_fraction), "grown"
+        moved, scale, hole_shrinks = self._move_within(direction, fraction * self._learning_rate_now, normalise=True)
+        self._natural_fraction = fraction
         self._natural_last_loss = float(loss)
         return {
             "max_change_kT": moved,
@@ -1011,9 +1008,7 @@ class Trainer:
         which suits large systems where reweighting tolerates only tiny steps.
         """
         jtj, jtr, loss0 = self._residual_jacobian()
-        diag = torch.diagonal(jtj).clone()
-        diag = torch.clamp(diag, min=1e-12 * float(diag.max()) + 1e-300)
-        step = -torch.linalg.solve(jtj + self.options["imc_damping"] * torch.diag(diag), jtr)
+        step = _damped_solve(jtj, jtr, self.options["imc_damping"])
         # A rolled-back step halves the learning rate; the IMC step (which has
         # none) shrinks its cap by the same factor, so a retry is not the same step.
         limit = self.options["max_potential_change"] * self.learning_rate / self.options["learning_rate"]
@@ -1048,7 +1043,7 @@ class Trainer:
             frac = self.epoch / max(1, self.options["max_epochs"])
             base = self.learning_rate * 0.5 * (1 + math.cos(math.pi * frac))
             base = max(base, 0.05 * self.learning_rate)
-        self.learning_rate_now = base
+        self._learning_rate_now = base
         for group in self.optimizer.param_groups:
             group["lr"] = base * group.get("scale", 1.0)
 
@@ -1251,7 +1246,7 @@ class Trainer:
             "rollout_calls": {name: est.calls for name, est in self.rollouts.items()},
             "recent_parameters": self._recent_parameters,
             "averaged_epoch": self.averaged_epoch,
-            "natural_scale": self._natural_scale,
+            "natural_fraction": self._natural_fraction,
             "natural_last_loss": self._natural_last_loss,
             "torch_rng": torch.get_rng_state(),
         }
@@ -1327,7 +1322,7 @@ class Trainer:
             trainer._sampler_states.pop(name, None)
         trainer._recent_parameters = list(data.get("recent_parameters", []))
         trainer.averaged_epoch = data.get("averaged_epoch")
-        trainer._natural_scale = data.get("natural_scale")
+        trainer._natural_fraction = data.get("natural_fraction")
         trainer._natural_last_loss = data.get("natural_last_loss")
         for name, calls in data.get("rollout_calls", {}).items():
             if name in trainer.rollouts:
@@ -1377,6 +1372,17 @@ def _plot_r_min(table: PairTable) -> float:
         highest = np.maximum(highest, np.where(np.isfinite(u), u, np.inf))
     above = np.nonzero(highest > 20.0 * 2.494)[0]
     return float(r[above[-1]]) if len(above) else 0.0
+
+
+def _damped_solve(matrix: torch.Tensor, rhs: torch.Tensor, damping: float) -> torch.Tensor:
+    """``δ`` solving ``(A + λ diag A) δ = -b``: the Levenberg–Marquardt / damped Newton step.
+
+    The diagonal is floored at 1e-12 of its largest entry, so a parameter the
+    data do not touch gets a tiny, not an infinite, penalty.
+    """
+    diag = torch.diagonal(matrix).clone()
+    diag = torch.clamp(diag, min=1e-12 * float(diag.max()) + 1e-300)
+    return -torch.linalg.solve(matrix + damping * torch.diag(diag), rhs)
 
 
 def _grad_norm(params) -> float:

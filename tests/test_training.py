@@ -502,18 +502,16 @@ def test_imc_step_never_digs_a_well_into_the_excluded_core(tmp_path):
     assert u.min() >= u[-1] - 1e-6
 
 
-def _lj_energies(table, snapshots, state):
-    from openmm_diffsim.gradients import _particle_species
-    from openmm_diffsim.neighbors import neighbor_pairs
+def _pair_energies(table, snapshots):
+    from openmm_diffsim.energy import potential_energy
 
-    species = torch.as_tensor(_particle_species(table, state))
-    out = []
-    for x, box in zip(np.asarray(snapshots.positions), np.asarray(snapshots.boxes), strict=True):
-        x = torch.as_tensor(x, dtype=torch.float64)
-        lengths = torch.as_tensor(np.diag(box) if np.ndim(box) == 2 else box, dtype=torch.float64)
-        i, j = neighbor_pairs(x, lengths, table.cutoff)
-        out.append(float(table.energy_and_forces(x, lengths, species, i, j, False)[0]))
-    return np.array(out)
+    species = torch.zeros(np.asarray(snapshots.positions).shape[1], dtype=torch.long)
+    return np.array(
+        [
+            float(potential_energy(table, torch.as_tensor(x), torch.as_tensor(box), species))
+            for x, box in zip(np.asarray(snapshots.positions), np.asarray(snapshots.boxes), strict=True)
+        ]
+    )
 
 
 def test_fisher_metric_is_the_covariance_of_energy_derivatives_by_finite_differences():
@@ -535,18 +533,17 @@ def test_fisher_metric_is_the_covariance_of_energy_derivatives_by_finite_differe
         h = 1e-6 * float(param.detach())
         with torch.no_grad():
             param += h
-            up = _lj_energies(table, snapshots, state)
+            up = _pair_energies(table, snapshots)
             param -= 2 * h
-            down = _lj_energies(table, snapshots, state)
+            down = _pair_energies(table, snapshots)
             param += h
         derivatives.append((up - down) / (2 * h))
     d = np.array(derivatives).T
     expected = state.beta**2 * np.cov(d, rowvar=False)
     np.testing.assert_allclose(metric.numpy(), expected, rtol=1e-4)
     assert np.all(np.linalg.eigvalsh(metric.numpy()) > 0)
-    one = type(snapshots)(**{**snapshots.__dict__, "positions": np.asarray(snapshots.positions)[:1]})
     with pytest.raises(ValueError, match="two snapshots"):
-        fisher_metric(table, state, one)
+        fisher_metric(table, state, snapshots[:1])
 
 
 def test_natural_step_solves_the_damped_fisher_system_and_moves_u_by_the_learning_rate(tmp_path):
@@ -613,3 +610,7 @@ def test_rollouts_with_natural_steps_recover_sigma(tmp_path):
     assert abs(sigmas[-1] - SIGMA) < 0.003, sigmas
     assert history[-1]["loss"] < 0.3 * history[0]["loss"]
     assert trainer.rollout_steps == 6 * 50
+    # The step fraction and the last loss survive a checkpoint, so a resumed run takes the same next step.
+    resumed = Trainer.resume(tmp_path)
+    assert resumed._natural_fraction == trainer._natural_fraction == steps[-1]["fraction"]
+    assert resumed._natural_last_loss == history[-1]["loss"]

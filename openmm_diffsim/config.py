@@ -787,6 +787,7 @@ _TRAINING_KEYS = {
     "seed": dict(integer=True),
     "max_retries": dict(integer=True, non_negative=True),
     "imc_damping": dict(positive=True),
+    "imc_smoothing": dict(non_negative=True),
     "max_potential_change": dict(positive=True),
     "average_last": dict(integer=True, non_negative=True),
 }
@@ -1143,6 +1144,7 @@ method = "reweighting"       # reweighting | rollout | adjoint | hybrid | ibi
 learning_rate = 0.01
 optimizer = "adam"           # "adam" | "sgd" | "natural" | "imc" | "gauss-newton" (the last two: reweighting only)
 # imc_damping = 0.01         # imc: damping of the Newton step (relative to diag of J^T J)
+# imc_smoothing = 0.1        # imc: penalty on the curvature of each step's change of u(r)
 # max_potential_change = 0.5 # imc: largest change of u(r) per step, kT
 # average_last = 4           # final potential = mean of the last 4 iterates
 # lr_schedule = "constant"   # or "cosine"

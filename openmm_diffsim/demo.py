@@ -48,14 +48,15 @@ REDUCED_DENSITY = 0.8
 N_PARTICLES = 500
 CUTOFF = 1.0  # nm
 RDF_GRID = dict(r_range=(0.0, 1.0), n_bins=100, smearing=0.01)
-# Thermodynamic targets of the true potential at the demo state, from the same
-# kind of runs as the RDF target (5000 equilibration steps, 200 frames every 50
-# steps; standard errors from 10 blocks). Virial pressure (bar; kinetic part
-# from the set temperature): five runs gave 640, 626, 584, 627 and 591 (± 6-21
-# each); their mean. Mean pair energy per particle (kJ/mol, LJ shifted to zero
-# at the cutoff like the demo model): -5.0015, -4.9798, -4.9958 (± 0.005-0.010).
-TARGET_PRESSURE = 614.0
-TARGET_ENERGY = -4.992
+# Thermodynamic targets of the true potential at the demo state, from the runs
+# that made the RDF target (make_demo_target: 5 seeds, standard errors from 10
+# blocks). Virial pressure (bar; kinetic part from the set temperature):
+# 600.9, 609.6, 610.2, 591.8, 597.3 (± 5-11 each), mean 602.0 ± 3.6. Mean pair
+# energy per particle (kJ/mol, LJ shifted to zero at the cutoff like the demo
+# model): -4.9919, -4.9897, -4.9879, -4.9964, -4.9933 (± 0.003-0.006), mean
+# -4.9918 ± 0.0015.
+TARGET_PRESSURE = 602.0
+TARGET_ENERGY = -4.9918
 # Default weights of (P - P_target)^2 (bar^-2) and (U/N - U_target)^2
 # ((kJ/mol)^-2) next to the RDF mean squared error: the RDF's per-bin variance
 # of a 100-200 frame sample (~0.006^2) over 100 bins, divided by the variance
@@ -66,6 +67,10 @@ PRESSURE_WEIGHT = 2e-9
 ENERGY_WEIGHT = 0.01
 # Target protocol per seed: frames, MD steps between frames, equilibration steps.
 TARGET_PROTOCOL = dict(n_snapshots=200, interval=50, equilibration=5000)
+# MD time step (ps) of every simulation in the demo: 0.0047 τ (τ = σ sqrt(m/ε) =
+# 2.15 ps), the usual step for a Lennard-Jones fluid. (An all-atom 2 fs step
+# would spend five times the MD steps on frames that are more correlated.)
+TIMESTEP = 0.01
 
 
 def demo_target_path() -> Path:
@@ -114,18 +119,37 @@ def demo_potential() -> PairTable:
     return PairTable(["Ar"], PotentialSum([prior, correction]), cutoff=CUTOFF, cutoff_mode="shift")
 
 
-def make_demo_target(path: Optional[Union[str, Path]] = None, seeds=(1, 2, 3), platform: Optional[str] = None):
-    """Regenerate the shipped target: the true LJ potential, averaged over ``seeds``.
+def make_demo_target(
+    path: Optional[Union[str, Path]] = None, seeds=(1, 2, 3, 4, 5), platform: Optional[str] = None
+) -> Dict[str, Any]:
+    """Regenerate the shipped target from the true LJ potential, one run per seed.
 
-    Returns ``(r, g, g_per_seed)``.
+    Every run follows :data:`TARGET_PROTOCOL` with a :data:`TIMESTEP` step.
+    Returns a dict: ``r`` (nm), ``g`` (the mean over seeds, written to
+    ``path`` if given), ``g_per_seed``, and per seed ``pressure`` (virial
+    pressure, bar, kinetic part from the set temperature) and ``energy``
+    (mean pair energy per particle, kJ/mol, LJ shifted to zero at the cutoff
+    like the demo model), each with a 10-block standard error
+    (``pressure_error``, ``energy_error``): the numbers behind
+    :data:`TARGET_PRESSURE` and :data:`TARGET_ENERGY`.
     """
+    import torch
+
+    from .energy import potential_energy
+    from .observables import virial_pressure
     from .sampling import reference_rdfs
     from .targets import write_rdf
 
     state = demo_state()
-    runs = []
+    shifted = PairTable(["Ar"], LennardJones(TRUE_SIGMA, TRUE_EPSILON), cutoff=CUTOFF, cutoff_mode="shift")
+    out: Dict[str, Any] = {k: [] for k in ("g_per_seed", "pressure", "pressure_error", "energy", "energy_error")}
+
+    def block_error(x: np.ndarray) -> float:
+        blocks = x[: len(x) // 10 * 10].reshape(10, -1).mean(1)
+        return float(blocks.std(ddof=1) / np.sqrt(10))
+
     for seed in seeds:
-        r, g, _ = reference_rdfs(
+        r, g, snapshots = reference_rdfs(
             state,
             "lj-native",
             sigma=TRUE_SIGMA,
@@ -133,14 +157,40 @@ def make_demo_target(path: Optional[Union[str, Path]] = None, seeds=(1, 2, 3), p
             cutoff=CUTOFF,
             seed=seed,
             platform=platform,
+            timestep=TIMESTEP,
             **TARGET_PROTOCOL,
             **RDF_GRID,
         )
-        runs.append(g[0])
-    g_mean = np.mean(runs, axis=0)
+        out["g_per_seed"].append(g[0])
+        positions = torch.as_tensor(snapshots.positions)
+        boxes = torch.as_tensor(snapshots.boxes)
+        species = torch.as_tensor(state.particle_species())
+        with torch.no_grad():
+            pressure = virial_pressure(shifted, positions, boxes, species, temperature=state.temperature)
+            energy = torch.stack(
+                [potential_energy(shifted, x, b, species) for x, b in zip(positions, boxes, strict=True)]
+            )
+        for key, series in (("pressure", pressure), ("energy", energy / state.n_particles)):
+            series = np.asarray(series, dtype=float)
+            out[key].append(float(series.mean()))
+            out[f"{key}_error"].append(block_error(series))
+    out["r"] = r
+    out["g"] = np.mean(out["g_per_seed"], axis=0)
+    out["g_per_seed"] = np.array(out["g_per_seed"])
     if path is not None:
-        write_rdf(path, r, g_mean, pair=("Ar", "Ar"), state=state.name, comment="openmm-diffsim demo target")
-    return r, g_mean, np.array(runs)
+        comment = (
+            "Target RDF of an argon-like Lennard-Jones liquid, generated by openmm-diffsim "
+            "(openmm_diffsim.demo.make_demo_target) from the true potential: "
+            f"sigma={TRUE_SIGMA} nm, epsilon={TRUE_EPSILON} kJ/mol, mass {ARGON_MASS} amu, cutoff {CUTOFF} nm "
+            f"(truncated, OpenMM NonbondedForce), N={N_PARTICLES}, T={TEMPERATURE:g} K, "
+            f"density {state.density:.2f} /nm^3 (rho*={REDUCED_DENSITY}), LangevinMiddle {TIMESTEP * 1000:g} fs, "
+            f"friction 1/ps; {len(seeds)} seeds x {TARGET_PROTOCOL['n_snapshots']} frames every "
+            f"{TARGET_PROTOCOL['interval']} steps after {TARGET_PROTOCOL['equilibration']} steps; r grid "
+            f"{RDF_GRID['n_bins']} bins on {RDF_GRID['r_range'][0]:g}-{RDF_GRID['r_range'][1]:g} nm, "
+            f"Gaussian smearing {RDF_GRID['smearing']} nm."
+        )
+        write_rdf(path, r, out["g"], pair=("Ar", "Ar"), state=state.name, comment=comment)
+    return out
 
 
 def _rdf_of(table_or_native, seed: int, platform: Optional[str] = None) -> np.ndarray:
@@ -154,6 +204,7 @@ def _rdf_of(table_or_native, seed: int, platform: Optional[str] = None) -> np.nd
         cutoff=CUTOFF,
         seed=seed,
         platform=platform,
+        timestep=TIMESTEP,
         n_snapshots=TARGET_PROTOCOL["n_snapshots"],
         interval=TARGET_PROTOCOL["interval"],
         equilibration=2000,
@@ -384,7 +435,7 @@ def _demo_settings(
 ) -> Dict[str, Any]:
     pressure_weight = PRESSURE_WEIGHT if pressure_weight is None else float(pressure_weight)
     energy_weight = ENERGY_WEIGHT if energy_weight is None else float(energy_weight)
-    sampler_options: Dict[str, Any] = {}
+    sampler_options: Dict[str, Any] = {"timestep": TIMESTEP}
     if platform is not None:
         sampler_options["platform"] = platform
     if optimizer is None:
@@ -409,21 +460,23 @@ def _demo_settings(
     )
     if optimizer == "imc":
         # Newton steps from fresh samples: few steps, each on a larger sample.
-        # Damping 1e-3 (not the default 1e-2) lets the step follow the soft
-        # "ramp" direction of u(r) that a dense liquid's g(r) barely sees. 1e-4
-        # follows it further but let noise into the wall knots: one of two runs
-        # made a potential whose sampling exploded (docs/training.md). A cap of
-        # 0.75 kT per step (not 0.5) lets the energy term close its gap in fewer steps.
+        # A curvature penalty on each step (imc_smoothing) in place of most of
+        # the damping: the step follows the smooth "ramp" direction of u(r)
+        # that a dense liquid's g(r) barely sees (damping 1e-3 held it back,
+        # leaving u errors of 0.15-0.3 kT across the first shell) and keeps
+        # noise out of the wall knots (docs/training.md). A cap of 0.75 kT per
+        # step (not 0.5) lets the energy term close its gap in fewer steps.
         settings.update(
             max_epochs=10,
             n_snapshots=IMC_SNAPSHOTS[0],
-            imc_damping=1e-3,
+            imc_damping=1e-6,
+            imc_smoothing=0.01,
             max_potential_change=0.75,
             average_last=4,
             plot_every=4,
         )
     if estimator in ("rollout", "adjoint"):
-        settings["estimator_options"].update(n_steps=100, record_every=10, n_replicas=4)
+        settings["estimator_options"].update(n_steps=100, record_every=10, n_replicas=4, timestep=TIMESTEP)
         settings["n_snapshots"] = 8
         settings["snapshot_interval"] = 200
     if optimizer == "natural":

@@ -248,6 +248,16 @@ class Trainer:
         ``optimizer="imc"`` or ``"natural"``: Tikhonov damping λ of the Newton step, relative to
         the diagonal of ``JᵀJ`` (of the Fisher metric for ``natural``); larger
         is steadier against sampling noise.
+    imc_smoothing : float
+        ``optimizer="imc"`` or ``"natural"``: weight of a penalty on the
+        curvature of the step's change of u(r) (squared second differences of
+        δu/kT on each target's grid, from three points below where g(r) first
+        exceeds 1e-3 up to the cutoff), relative to ``JᵀJ`` (trace-normalised). Unlike ``imc_damping`` it
+        leaves smooth changes free (in a dense liquid the direction g(r)
+        sees least is a smooth ramp across the first shells, which diagonal
+        damping holds back) and damps the noisy wiggles, mostly at the wall
+        where g(r) is small. 0 (default) turns it off; with it on, a small
+        ``imc_damping`` (1e-6) is enough. See docs/training.md.
     max_potential_change : float
         ``optimizer="imc"``: the largest change of u(r) per step, in kT (of the
         coldest state), where a target has g(r) > 0.05; halved with every
@@ -286,6 +296,7 @@ class Trainer:
         imc_damping: float = 0.01,
         max_potential_change: float = 0.5,
         average_last: int = 0,
+        imc_smoothing: float = 0.0,
     ):
         states = check_fit_inputs(table, states, "Trainer")
         if isinstance(estimator, str) and estimator not in ESTIMATORS:
@@ -297,6 +308,8 @@ class Trainer:
         for name, value in (("imc_damping", imc_damping), ("max_potential_change", max_potential_change)):
             if not (math.isfinite(float(value)) and float(value) > 0):
                 raise ValueError(f"{name} must be a positive number, got {value}")
+        if not (math.isfinite(float(imc_smoothing)) and float(imc_smoothing) >= 0):
+            raise ValueError(f"imc_smoothing must be a non-negative number, got {imc_smoothing}")
         if lr_schedule not in ("constant", "cosine"):
             raise ValueError(f"lr_schedule must be 'constant' or 'cosine', got {lr_schedule!r}")
         for name, value in (("learning_rate", learning_rate),):
@@ -322,6 +335,7 @@ class Trainer:
             learning_rate=float(learning_rate),
             optimizer=optimizer,
             imc_damping=float(imc_damping),
+            imc_smoothing=float(imc_smoothing),
             max_potential_change=float(max_potential_change),
             average_last=int(average_last),
             max_epochs=int(max_epochs),
@@ -766,17 +780,7 @@ class Trainer:
         params = self._trainable()
         with torch.enable_grad():
             rho, _ = self._residuals()
-            rows = []
-            for k in range(rho.shape[0]):
-                grads = torch.autograd.grad(rho[k], params, retain_graph=True, allow_unused=True)
-                rows.append(
-                    torch.cat(
-                        [
-                            (g if g is not None else torch.zeros_like(p)).reshape(-1)
-                            for g, p in zip(grads, params, strict=True)
-                        ]
-                    )
-                )
+            rows = [_flat_gradient(rho[k], params) for k in range(rho.shape[0])]
         n_params = sum(p.numel() for p in params)
         jac = torch.stack(rows).detach() if rows else torch.zeros(0, n_params, dtype=rho.dtype)
         rho = rho.detach()
@@ -884,6 +888,61 @@ class Trainer:
                     return True
         return False
 
+    def _curvature_matrix(self) -> torch.Tensor:
+        """``Σ (D₂B)ᵀ(D₂B)``: squared second differences of δu/kT per unit parameter step.
+
+        ``B`` is the Jacobian of u(r)/kT (kT of the coldest state) on a grid
+        per target pair, from three grid points below the first r where a
+        target of that pair has g(r) > 1e-3 up to the cutoff, spaced like the
+        finest target grid of the pair; ``D₂`` takes second differences along it. Recomputed every step
+        (an analytic prior's σ makes it depend on the parameters); it costs one
+        backward pass per grid point of a small table.
+        """
+        params = self._trainable()
+        n_params = sum(p.numel() for p in params)
+        kT = min(float(s.kT) for s in self.states)
+        spans: Dict[tuple, List[float]] = {}
+        for state in self.states:
+            for target in state.targets:
+                r = np.asarray(target.r, dtype=float)
+                seen = np.nonzero((np.asarray(target.g) > 1e-3) & (r > 0) & (r < self.table.cutoff))[0]
+                if seen.size < 3:
+                    continue
+                width = float(np.min(np.diff(r))) if r.size > 1 else float(self.table.cutoff)
+                lo, dr = spans.get(tuple(target.pair), [np.inf, np.inf])
+                spans[tuple(target.pair)] = [min(lo, float(r[seen[0]])), min(dr, width)]
+        matrix = torch.zeros(n_params, n_params, dtype=torch.float64)
+        for pair, (lo, width) in spans.items():
+            # A few points into the excluded core tie the knots there (which the
+            # data do not see) smoothly to the step above the wall, so the
+            # step does not bend them into a well; not further in, where an
+            # analytic prior's wall is so steep that its curvature would
+            # swamp the penalty of every other parameter.
+            lo = max(lo - _CORE_POINTS * width, 0.5 * width)
+            n_points = int(np.ceil((self.table.cutoff - lo) / width - 1e-9))  # every point below the cutoff
+            r = torch.as_tensor(lo + width * np.arange(n_points), dtype=torch.float64)
+            if r.numel() < 3:
+                continue
+            pair_type = torch.full_like(r, self.table.pair_index(pair), dtype=torch.long)
+            with torch.enable_grad():
+                u = self.table.energy_and_derivative(r, pair_type)[0] / kT
+                curvature = u[2:] - 2.0 * u[1:-1] + u[:-2]
+                rows = [_flat_gradient(curvature[k], params) for k in range(curvature.shape[0])]
+            d2b = torch.stack(rows).detach().to(torch.float64)
+            matrix = matrix + d2b.T @ d2b
+        return matrix
+
+    def _smoothing_penalty(self, curvature_of_loss: torch.Tensor) -> Optional[torch.Tensor]:
+        """``imc_smoothing`` × the curvature matrix, scaled to the trace of ``JᵀJ`` (or the metric); None when off."""
+        weight = self.options.get("imc_smoothing", 0.0)
+        if weight <= 0:
+            return None
+        matrix = self._curvature_matrix()
+        trace = float(torch.trace(matrix))
+        if not trace > 0:
+            return None
+        return weight * float(torch.trace(curvature_of_loss)) / trace * matrix
+
     def _move_within(self, step: torch.Tensor, limit: float, normalise: bool = False) -> tuple:
         """Move the parameters by ``scale * step``, u(r) changing by at most ``limit`` kT.
 
@@ -970,7 +1029,7 @@ class Trainer:
         grad = torch.cat(
             [(torch.zeros_like(p) if p.grad is None else p.grad).reshape(-1).to(torch.float64) for p in params]
         )
-        direction = _damped_solve(metric, grad, self.options["imc_damping"])
+        direction = _damped_solve(metric, grad, self.options["imc_damping"], self._smoothing_penalty(metric))
         # The metric fixes the direction, not the length: a short rollout sees
         # only part of the equilibrium response, and the RDF, pressure and
         # energy terms want factors orders of magnitude apart. Every step is
@@ -1006,15 +1065,35 @@ class Trainer:
         unlike ``gauss-newton`` (which reuses snapshots inside an N_eff trust
         region, suited to small systems), every step starts from a fresh sample,
         which suits large systems where reweighting tolerates only tiny steps.
+        If no length of the step keeps the core free of a well, it is
+        recomputed with ten times the damping (at least 1e-3, at most 1;
+        logged as ``damping``) instead of being refused, which would leave
+        the next sample to propose the same step.
         """
         jtj, jtr, loss0 = self._residual_jacobian()
-        step = _damped_solve(jtj, jtr, self.options["imc_damping"])
+        penalty = self._smoothing_penalty(jtj)
+        damping = self.options["imc_damping"]
+        step = _damped_solve(jtj, jtr, damping, penalty)
         # A rolled-back step halves the learning rate; the IMC step (which has
         # none) shrinks its cap by the same factor, so a retry is not the same step.
         limit = self.options["max_potential_change"] * self.learning_rate / self.options["learning_rate"]
         moved, scale, hole_shrinks = self._move_within(step, limit)
+        # No length of this step keeps the core free of a well: the knots the
+        # data do not see moved too far. Refusing it would leave the next
+        # sample to propose the same step again, so damp more instead.
+        while scale == 0.0 and hole_shrinks > 0 and damping < _FALLBACK_DAMPING_MAX:
+            damping = max(10.0 * damping, _FALLBACK_DAMPING_MIN)
+            step = _damped_solve(jtj, jtr, damping, penalty)
+            moved, scale, more = self._move_within(step, limit)
+            hole_shrinks += more
         self.snapshots.clear()
-        return {"max_change_kT": moved, "step_scale": scale, "loss_before": loss0, "core_hole_shrinks": hole_shrinks}
+        return {
+            "max_change_kT": moved,
+            "step_scale": scale,
+            "loss_before": loss0,
+            "core_hole_shrinks": hole_shrinks,
+            "damping": damping,
+        }
 
     # -- main loop ----------------------------------------------------------------------
 
@@ -1032,8 +1111,17 @@ class Trainer:
             for target in state.targets:
                 r, u = boltzmann_inversion(target.r, target.g, state.kT, g_min=0.05)
                 inside = r < self.table.cutoff
-                u = u[inside] - u[inside][-1]
-                rms = fit_table_to_curve(self.table, target.pair, r[inside], u)
+                r, u = r[inside], u[inside] - u[inside][-1]
+                # Continue the inverted wall a few bins into the core along its
+                # own slope: fitted to the resolved bins alone, a spline may
+                # extrapolate inwards into a well that sampling falls into and
+                # that no later step may leave (see _has_core_hole).
+                width = r[1] - r[0]
+                slope = min((u[1] - u[0]) / width, 0.0)
+                core = r[0] - width * np.arange(_CORE_POINTS, 0, -1)
+                core = core[core > 0]
+                r, u = np.concatenate([core, r]), np.concatenate([u[0] + slope * (core - r[0]), u])
+                rms = fit_table_to_curve(self.table, target.pair, r, u)
                 logger.info("Boltzmann-inversion initial guess for %s: rms %.3g kJ/mol", "-".join(target.pair), rms)
             break  # one state's guess is enough; the pair potential is shared
 
@@ -1374,15 +1462,38 @@ def _plot_r_min(table: PairTable) -> float:
     return float(r[above[-1]]) if len(above) else 0.0
 
 
-def _damped_solve(matrix: torch.Tensor, rhs: torch.Tensor, damping: float) -> torch.Tensor:
-    """``δ`` solving ``(A + λ diag A) δ = -b``: the Levenberg–Marquardt / damped Newton step.
+def _flat_gradient(output: torch.Tensor, params: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Gradient of a scalar with respect to ``params``, flattened into one row (zeros where unused)."""
+    grads = torch.autograd.grad(output, params, retain_graph=True, allow_unused=True)
+    return torch.cat(
+        [(g if g is not None else torch.zeros_like(p)).reshape(-1) for g, p in zip(grads, params, strict=True)]
+    )
+
+
+# imc: a step that cannot keep the core free of a well is recomputed with
+# damping raised tenfold (from at least the first value) up to the second.
+_FALLBACK_DAMPING_MIN = 1e-3
+_FALLBACK_DAMPING_MAX = 1.0
+
+# imc_smoothing: grid points of the curvature penalty below the wall (first g > 1e-3).
+_CORE_POINTS = 3
+
+
+def _damped_solve(
+    matrix: torch.Tensor, rhs: torch.Tensor, damping: float, penalty: Optional[torch.Tensor] = None
+) -> torch.Tensor:
+    """``δ`` solving ``(A + λ diag A + R) δ = -b``: the Levenberg–Marquardt / damped Newton step.
 
     The diagonal is floored at 1e-12 of its largest entry, so a parameter the
-    data do not touch gets a tiny, not an infinite, penalty.
+    data do not touch gets a tiny, not an infinite, penalty. ``R`` is an
+    optional extra penalty (the smoothing of ``imc_smoothing``).
     """
     diag = torch.diagonal(matrix).clone()
     diag = torch.clamp(diag, min=1e-12 * float(diag.max()) + 1e-300)
-    return -torch.linalg.solve(matrix + damping * torch.diag(diag), rhs)
+    system = matrix + damping * torch.diag(diag)
+    if penalty is not None:
+        system = system + penalty.to(system.dtype)
+    return -torch.linalg.solve(system, rhs)
 
 
 def _grad_norm(params) -> float:

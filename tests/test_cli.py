@@ -401,3 +401,21 @@ def test_demo_grows_the_imc_sample_only_for_its_last_steps():
     assert trainer_after(3, 1e-5) == 100  # converged early: still the small sample (bounded cost)
     assert trainer_after(7, 1e-5) == 200  # the last three steps take the large sample
     assert trainer_after(8, 1e-2) == 100  # far from the target: no growth
+
+
+def test_make_demo_target_writes_the_rdf_and_reports_pressure_and_energy(tmp_path, monkeypatch):
+    from openmm_diffsim import demo
+    from openmm_diffsim.targets import read_target
+
+    monkeypatch.setattr(demo, "TARGET_PROTOCOL", dict(n_snapshots=20, interval=10, equilibration=200))
+    path = tmp_path / "target.dat"
+    out = demo.make_demo_target(path, seeds=(1, 2))
+    assert out["g_per_seed"].shape == (2, 100)
+    np.testing.assert_allclose(out["g"], out["g_per_seed"].mean(0))
+    written = read_target(path, pair=("Ar", "Ar"))
+    np.testing.assert_allclose(written.g, out["g"], rtol=1e-6, atol=1e-8)
+    assert "LangevinMiddle 10 fs" in path.read_text().splitlines()[1]
+    # Short runs from a lattice: near, not at, the shipped targets (liquid argon at 120 K).
+    for key, low, high in (("pressure", -2000.0, 3000.0), ("energy", -5.5, -4.0)):
+        assert len(out[key]) == 2 and all(low < v < high for v in out[key])
+        assert all(e > 0 for e in out[f"{key}_error"])

@@ -66,7 +66,7 @@ def model_table(sigma=0.32):
     return od.PairTable(["Ar"], od.LennardJones(sigma, EPSILON), cutoff=CUTOFF, cutoff_mode="shift")
 
 
-def quick_trainer(tmp_path=None, **overrides):
+def quick_trainer(tmp_path=None, table=None, state=None, **overrides):
     options = dict(
         learning_rate=0.01,
         learning_rate_scales={"sigma": 0.2},
@@ -80,7 +80,9 @@ def quick_trainer(tmp_path=None, **overrides):
         seed=3,
     )
     options.update(overrides)
-    return Trainer(model_table(), [small_state()], "reweighting", output_dir=tmp_path, **options)
+    table = model_table() if table is None else table
+    state = small_state() if state is None else state
+    return Trainer(table, [state], "reweighting", output_dir=tmp_path, **options)
 
 
 def test_fit_runs_logs_and_checkpoints(tmp_path):
@@ -657,20 +659,16 @@ def test_imc_smoothing_penalises_the_curvature_of_a_step_not_smooth_ramps():
         Trainer(prior_plus_spline(knots), [state], "reweighting", optimizer="imc", imc_smoothing=-1.0)
 
 
-SEED = 5
-
-
 def test_imc_with_smoothing_fits_a_spline_to_a_simulated_rdf(tmp_path):
     """Smoothed IMC steps with almost no damping improve u(r) of a spline started at the Boltzmann inversion."""
     target = simulated_lj_target()
     knots = np.concatenate([np.arange(0.29, 0.405, 0.01), np.arange(0.43, 0.75, 0.04)])
-    table = prior_plus_spline(knots)
     state = small_state(target)
-    trainer = Trainer(
-        table,
-        [state],
-        "reweighting",
-        output_dir=tmp_path,
+    trainer = quick_trainer(
+        tmp_path,
+        table=prior_plus_spline(knots),
+        state=state,
+        learning_rate_scales=None,
         optimizer="imc",
         imc_damping=1e-6,
         imc_smoothing=0.1,
@@ -680,10 +678,7 @@ def test_imc_with_smoothing_fits_a_spline_to_a_simulated_rdf(tmp_path):
         n_snapshots=200,
         snapshot_interval=20,
         equilibration_steps=500,
-        estimator_options=dict(r_range=(0.0, 0.75), n_bins=75, smearing=0.01),
-        progress=False,
-        plot_every=0,
-        seed=SEED,
+        seed=5,
     )
     r = np.asarray(target.r)
     region = (np.asarray(target.g) > 0.1) & (r < CUTOFF - 0.01)

@@ -658,20 +658,21 @@ def fisher_metric(table: PairTable, state, snapshots, histogram_bin_width: float
     estimator.reset(table, snapshots, state)
     with torch.enable_grad():
         energy, _ = estimator._energy_and_virial(table, False)
-        rows = []
-        for s in range(n_frames):
-            grads = torch.autograd.grad(energy[s], params, retain_graph=True, allow_unused=True)
-            rows.append(
-                torch.cat(
-                    [(torch.zeros_like(p) if g is None else g).reshape(-1) for g, p in zip(grads, params, strict=True)]
-                )
-            )
+        rows = [_flat_gradient(energy[s], params) for s in range(n_frames)]
     derivatives = torch.stack(rows).detach().to(torch.float64)
     if not bool(torch.isfinite(derivatives).all()):
         raise NonFiniteError("non-finite energy derivatives in fisher_metric")
     centred = derivatives - derivatives.mean(0)
     beta = float(state.beta)
     return beta * beta * (centred.T @ centred) / (n_frames - 1)
+
+
+def _flat_gradient(output: Tensor, params) -> Tensor:
+    """Gradient of a scalar with respect to ``params``, flattened into one row (zeros where unused)."""
+    grads = torch.autograd.grad(output, params, retain_graph=True, allow_unused=True)
+    return torch.cat(
+        [(g if g is not None else torch.zeros_like(p)).reshape(-1) for g, p in zip(grads, params, strict=True)]
+    )
 
 
 # -- rollouts --------------------------------------------------------------------------------

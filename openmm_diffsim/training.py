@@ -777,6 +777,8 @@ class Trainer:
 
     def _residual_jacobian(self):
         """``JᵀJ``, ``Jᵀρ`` and ``ρ·ρ`` of the reweighted residuals (summed over ranks)."""
+        from .gradients import _flat_gradient
+
         params = self._trainable()
         with torch.enable_grad():
             rho, _ = self._residuals()
@@ -861,17 +863,21 @@ class Trainer:
                         values.append(np.asarray(u, dtype=float) / kT)
         return values
 
-    def _wall_grids(self) -> List[tuple]:
-        """Per target pair: (pair, r grid from r_wall / 2 to r_wall), r_wall the first r where g_target > 1e-3."""
-        grids = []
+    def _target_walls(self) -> List[tuple]:
+        """Per target: (pair, r_wall, bin width), r_wall the first r where g_target > 1e-3."""
+        walls = []
         for state in self.states:
             for target in state.targets:
                 r = np.asarray(target.r, dtype=float)
                 seen = np.nonzero((np.asarray(target.g) > 1e-3) & (r > 0))[0]
                 if seen.size:
-                    r_wall = float(r[seen[0]])
-                    grids.append((tuple(target.pair), np.linspace(0.5 * r_wall, r_wall, 64)))
-        return grids
+                    width = float(np.min(np.diff(r))) if r.size > 1 else float(self.table.cutoff)
+                    walls.append((tuple(target.pair), float(r[seen[0]]), width))
+        return walls
+
+    def _wall_grids(self) -> List[tuple]:
+        """Per target pair: (pair, r grid from r_wall / 2 to r_wall), r_wall as in :meth:`_target_walls`."""
+        return [(pair, np.linspace(0.5 * r_wall, r_wall, 64)) for pair, r_wall, _ in self._target_walls()]
 
     def _has_core_hole(self, grids) -> bool:
         """True if u(r) somewhere inside the excluded core (below r_wall) is lower than u(r_wall), or not finite.
@@ -896,21 +902,17 @@ class Trainer:
         target of that pair has g(r) > 1e-3 up to the cutoff, spaced like the
         finest target grid of the pair; ``D₂`` takes second differences along it. Recomputed every step
         (an analytic prior's σ makes it depend on the parameters); it costs one
-        backward pass per grid point of a small table.
+        backward pass per grid point of a small table (0.09 s for the demo's).
         """
+        from .gradients import _flat_gradient
+
         params = self._trainable()
         n_params = sum(p.numel() for p in params)
         kT = min(float(s.kT) for s in self.states)
         spans: Dict[tuple, List[float]] = {}
-        for state in self.states:
-            for target in state.targets:
-                r = np.asarray(target.r, dtype=float)
-                seen = np.nonzero((np.asarray(target.g) > 1e-3) & (r > 0) & (r < self.table.cutoff))[0]
-                if seen.size < 3:
-                    continue
-                width = float(np.min(np.diff(r))) if r.size > 1 else float(self.table.cutoff)
-                lo, dr = spans.get(tuple(target.pair), [np.inf, np.inf])
-                spans[tuple(target.pair)] = [min(lo, float(r[seen[0]])), min(dr, width)]
+        for pair, r_wall, width in self._target_walls():
+            lo, dr = spans.get(pair, [np.inf, np.inf])
+            spans[pair] = [min(lo, r_wall), min(dr, width)]
         matrix = torch.zeros(n_params, n_params, dtype=torch.float64)
         for pair, (lo, width) in spans.items():
             # A few points into the excluded core tie the knots there (which the
@@ -921,7 +923,7 @@ class Trainer:
             lo = max(lo - _CORE_POINTS * width, 0.5 * width)
             n_points = int(np.ceil((self.table.cutoff - lo) / width - 1e-9))  # every point below the cutoff
             r = torch.as_tensor(lo + width * np.arange(n_points), dtype=torch.float64)
-            if r.numel() < 3:
+            if r.numel() < 3:  # a wall at the cutoff: nothing to smooth
                 continue
             pair_type = torch.full_like(r, self.table.pair_index(pair), dtype=torch.long)
             with torch.enable_grad():
@@ -1462,20 +1464,14 @@ def _plot_r_min(table: PairTable) -> float:
     return float(r[above[-1]]) if len(above) else 0.0
 
 
-def _flat_gradient(output: torch.Tensor, params: Sequence[torch.Tensor]) -> torch.Tensor:
-    """Gradient of a scalar with respect to ``params``, flattened into one row (zeros where unused)."""
-    grads = torch.autograd.grad(output, params, retain_graph=True, allow_unused=True)
-    return torch.cat(
-        [(g if g is not None else torch.zeros_like(p)).reshape(-1) for g, p in zip(grads, params, strict=True)]
-    )
-
-
 # imc: a step that cannot keep the core free of a well is recomputed with
 # damping raised tenfold (from at least the first value) up to the second.
 _FALLBACK_DAMPING_MIN = 1e-3
 _FALLBACK_DAMPING_MAX = 1.0
 
-# imc_smoothing: grid points of the curvature penalty below the wall (first g > 1e-3).
+# Grid points below the wall (first g > 1e-3) covered by the imc_smoothing
+# penalty, and bins by which the Boltzmann-inversion guess continues the wall
+# into the core.
 _CORE_POINTS = 3
 
 

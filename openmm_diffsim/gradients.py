@@ -686,10 +686,21 @@ class _FrameThermodynamics:
     :class:`ReweightingEstimator`, so both estimators fit the same quantities.
     Both depend on θ through the positions and directly through u and u';
     backprop and the adjoint see both paths. Returns the requested ones, in
-    the order (pressure, energy), as a float64 vector.
+    the order (pressure, energy), as a float64 vector, or per replica
+    (shape (B, terms)) with ``per_replica``.
     """
 
-    def __init__(self, table: PairTable, species: Tensor, lengths: Tensor, beta: float, pressure: bool, energy: bool):
+    def __init__(
+        self,
+        table: PairTable,
+        species: Tensor,
+        lengths: Tensor,
+        beta: float,
+        pressure: bool,
+        energy: bool,
+        per_replica: bool = False,
+    ):
+        self.per_replica = per_replica
         self.table = table
         self.species = species
         self.lengths = lengths  # (3,) nm: a 1-D box is never mistaken for per-frame lengths
@@ -710,10 +721,11 @@ class _FrameThermodynamics:
             energies.append(u.sum().to(torch.float64) / self.n_particles)
         out = []
         if self.pressure:
-            out.append(self.kinetic + torch.stack(pressures).mean() * BAR_PER_KJ_PER_MOL_NM3)
+            out.append(self.kinetic + torch.stack(pressures) * BAR_PER_KJ_PER_MOL_NM3)
         if self.energy:
-            out.append(torch.stack(energies).mean())
-        return torch.stack(out)
+            out.append(torch.stack(energies))
+        per_replica = torch.stack(out, dim=1)  # (B, terms)
+        return per_replica if self.per_replica else per_replica.mean(0)
 
 
 class RolloutEstimator:
@@ -769,6 +781,17 @@ class RolloutEstimator:
     on_nonfinite : {"reject", "raise"}
         Non-finite forces, loss or gradients: report a rejected estimate, or raise
         :class:`NonFiniteError`.
+    score_correction : bool
+        Add the derivative through the snapshots' own distribution. The
+        rollouts start from samples of ``exp(-U_θ/kT)``, which moves with θ;
+        backpropagation through the rollout alone misses that, and sees only
+        the short-time response of the RDF (docs/gradients.md). The missing
+        part is ``-β cov(s, ∂U/∂θ(x₀))`` over the replicas, ``s`` each
+        replica's frame-averaged observables contracted with the loss's
+        gradient and ``x₀`` its starting configuration. With it, the gradient
+        is unbiased for the equilibrium loss at any rollout length (at
+        length 0 it would be the reweighting gradient). Needs at least 2
+        replicas; its noise falls with their number.
     """
 
     def __init__(
@@ -791,6 +814,7 @@ class RolloutEstimator:
         energy_weight: float = 0.0,
         target_outside: str = "error",
         on_nonfinite: str = "reject",
+        score_correction: bool = False,
     ):
         if int(n_steps) != n_steps or n_steps < 1:
             raise ValueError(f"n_steps must be a positive integer, got {n_steps}")
@@ -820,6 +844,11 @@ class RolloutEstimator:
         self.energy_weight = float(energy_weight)
         self.target_outside = target_outside
         self.on_nonfinite = _check_on_nonfinite(on_nonfinite)
+        if not isinstance(score_correction, bool):
+            raise TypeError(f"score_correction must be True or False, got {score_correction!r}")
+        if score_correction and self.n_replicas < 2:
+            raise ValueError("score_correction needs n_replicas >= 2 (it is a covariance over the replicas)")
+        self.score_correction = score_correction
         edges = rdf_bin_edges(self.r_range, self.n_bins)
         self.r = (0.5 * (edges[1:] + edges[:-1])).numpy()
         self.calls = 0
@@ -831,6 +860,32 @@ class RolloutEstimator:
         if n_snapshots <= self.n_replicas:
             return np.arange(n_snapshots)
         return np.sort(rng.choice(n_snapshots, self.n_replicas, replace=False))
+
+    def _score_term(self, table, species, box, positions, per_replica, loss, parameters, state) -> Tensor:
+        """``-β cov(s, ∂U/∂θ(x₀))`` over the replicas, flat over ``parameters`` (float64).
+
+        ``s_b = ρ · Ā_b``: replica b's frame-averaged observables ``Ā_b`` (rows
+        of ``per_replica``, shape (B, K)) contracted with ``ρ``, the loss's
+        gradient with respect to their replica mean; ``x₀`` the replica's
+        starting positions. This is the part of ``d E[loss] / dθ`` that comes
+        from the starting configurations being Boltzmann samples of θ.
+        """
+        with torch.enable_grad():
+            mean = per_replica.detach().mean(0, keepdim=True).requires_grad_(True)
+            (rho,) = torch.autograd.grad(loss(mean), mean)
+        contracted = per_replica.detach() @ rho[0]  # (B,)
+        lengths = box_lengths(box).to(positions.dtype)
+        derivatives = []
+        with torch.enable_grad():
+            for x in positions:
+                i, j = neighbor_pairs(x, lengths, table.cutoff)
+                r = torch.sqrt((pair_displacements(x, i, j, lengths) ** 2).sum(1))
+                u, _ = table.energy_and_derivative(r, table.pair_types(species[i], species[j]))
+                derivatives.append(_flat_gradient(u.sum(), parameters).detach().to(torch.float64))
+        derivatives = torch.stack(derivatives)  # (B, n_params)
+        n = derivatives.shape[0]
+        centred = contracted - contracted.mean()
+        return -float(state.beta) * (centred @ (derivatives - derivatives.mean(0))) / (n - 1)
 
     def __call__(self, table: PairTable, state, snapshots, targets, loss_weight: float = 1.0) -> EstimatorResult:
         """Rollout RDF loss; adds its gradient to ``p.grad`` of ``table.parameters()``."""
@@ -877,9 +932,11 @@ class RolloutEstimator:
         terms = [("pressure", self.pressure_weight, state.pressure)] if use_pressure else []
         terms += [("energy", self.energy_weight, state.energy)] if use_energy else []
         thermodynamics = None
+        # The score correction needs each replica's own observables.
+        per_replica = self.score_correction
         if terms:
             thermodynamics = _FrameThermodynamics(
-                table, species_t, box_lengths(box_t), state.beta, use_pressure, use_energy
+                table, species_t, box_lengths(box_t), state.beta, use_pressure, use_energy, per_replica
             )
         n_rdf = len(rows) * self.n_bins
 
@@ -888,12 +945,19 @@ class RolloutEstimator:
             return g[rows]
 
         def observable(frame: Tensor) -> Tensor:
+            if per_replica:
+                # (B, T * n_bins + len(terms)): per replica, the RDFs, then pressure and/or energy.
+                out = torch.stack([rdfs(frame[b : b + 1]).reshape(-1).to(torch.float64) for b in range(frame.shape[0])])
+                return out if thermodynamics is None else torch.cat([out, thermodynamics(frame)], dim=1)
             if thermodynamics is None:
                 return rdfs(frame)
             # One flat vector per frame, (T * n_bins + len(terms),): the RDFs, then pressure and/or energy.
             return torch.cat([rdfs(frame).reshape(-1).to(torch.float64), thermodynamics(frame)])
 
         def split(mean: Tensor) -> Tuple[Tensor, Optional[Tensor]]:
+            if per_replica:
+                mean = mean.mean(0)
+                return mean[:n_rdf].reshape(len(rows), self.n_bins), (mean[n_rdf:] if thermodynamics else None)
             if thermodynamics is None:
                 return mean, None
             return mean[:n_rdf].reshape(len(rows), self.n_bins), mean[n_rdf:]
@@ -921,7 +985,16 @@ class RolloutEstimator:
                 method="adjoint" if self.adjoint else "backprop",
                 checkpoint_every=self.checkpoint_every,
             )
-            grad_norm = _accumulate(parameters, list(result.gradients))
+            gradients = list(result.gradients)
+            if self.score_correction:
+                score = self._score_term(table, species_t, box_t, positions, result.observable, loss, parameters, state)
+                pathwise_norm = math.sqrt(sum(float((g.double() ** 2).sum()) for g in gradients if g is not None))
+                offset = 0
+                for k, p in enumerate(parameters):
+                    piece = score[offset : offset + p.numel()].reshape(p.shape)
+                    offset += p.numel()
+                    gradients[k] = piece if gradients[k] is None else gradients[k] + piece.to(gradients[k].dtype)
+            grad_norm = _accumulate(parameters, gradients)
         except NonFiniteError as exc:
             if self.on_nonfinite == "raise":
                 raise
@@ -936,6 +1009,9 @@ class RolloutEstimator:
         )
         for k, (name, _, _) in enumerate(terms):
             diagnostics[name] = float(thermo_model[k])
+        if self.score_correction:
+            diagnostics["pathwise_grad_norm"] = pathwise_norm
+            diagnostics["score_grad_norm"] = float(score.norm())
         return EstimatorResult(
             result.loss,
             _rmse(g_model, targets_prepared),

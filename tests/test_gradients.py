@@ -523,3 +523,35 @@ def test_rollout_energy_gradient_matches_finite_differences_and_adjoint(lj_sampl
     for name in grads:
         assert float(getattr(adjoint_table.pair_potentials[0], name).grad) == pytest.approx(grads[name], rel=1e-6)
     assert_matches_central_differences(run, grads)
+
+
+def test_rollout_score_correction_adds_the_boltzmann_part_and_meets_reweighting_at_zero_length(lj_samples):
+    """With the snapshots' own θ-dependence, a vanishing rollout's gradient is the reweighting gradient."""
+    state, snapshots = lj_samples
+    state = with_energy(state, -4.0)
+    targets = [flat_target(1.1)]
+    n = len(snapshots.positions)
+    terms = dict(pressure_weight=1e-6, energy_weight=0.5)
+    # One NVE step of 1e-5 ps: the frame is the snapshot to ~1e-6 nm.
+    short = dict(n_steps=1, record_every=1, timestep=1e-5, n_replicas=n, seed=1, integrator="nve", **GRID, **terms)
+
+    def gradient(estimator):
+        table = lj_table(0.335, 1.05)
+        result = estimator(table, state, snapshots, targets)
+        assert not result.diagnostics["rejected"], result.diagnostics["reason"]
+        return torch.stack([p.grad.double() for p in table.parameters()]), result
+
+    plain, plain_result = gradient(RolloutEstimator(**short))
+    corrected, result = gradient(RolloutEstimator(**short, score_correction=True))
+    # The rollout part is unchanged (same replicas and steps); the score part is added to it.
+    assert result.diagnostics["pathwise_grad_norm"] == pytest.approx(float(plain.norm()), rel=1e-9)
+    assert result.loss == pytest.approx(plain_result.loss, rel=1e-9)
+    score = corrected - plain
+    assert float(score.norm()) == pytest.approx(result.diagnostics["score_grad_norm"], rel=1e-9)
+    # Reweighting differentiates the same loss on the same snapshots: its
+    # explicit part is the rollout's, its covariance (normalised by n, not n - 1) the score's.
+    reweighted, _ = gradient(ReweightingEstimator(**GRID, **terms, energy_method="exact"))
+    torch.testing.assert_close(plain + score * (n - 1) / n, reweighted, rtol=1e-3, atol=1e-9)
+    assert float(score.norm()) > 0.5 * float(reweighted.norm())  # the score is not a small correction here
+    with pytest.raises(ValueError, match="n_replicas >= 2"):
+        RolloutEstimator(n_replicas=1, score_correction=True)

@@ -788,6 +788,7 @@ _TRAINING_KEYS = {
     "max_retries": dict(integer=True, non_negative=True),
     "imc_damping": dict(positive=True),
     "imc_smoothing": dict(non_negative=True),
+    "imc_roughness": dict(non_negative=True),
     "max_potential_change": dict(positive=True),
     "average_last": dict(integer=True, non_negative=True),
 }
@@ -1145,6 +1146,7 @@ learning_rate = 0.01
 optimizer = "adam"           # "adam" | "sgd" | "natural" | "imc" | "gauss-newton" (the last two: reweighting only)
 # imc_damping = 0.01         # imc: damping of the Newton step (relative to diag of J^T J)
 # imc_smoothing = 0.1        # imc: penalty on the curvature of each step's change of u(r)
+# imc_roughness = 0.01       # imc: penalty on the roughness of the learned correction itself
 # max_potential_change = 0.5 # imc: largest change of u(r) per step, kT
 # average_last = 4           # final potential = mean of the last 4 iterates
 # lr_schedule = "constant"   # or "cosine"

@@ -37,7 +37,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Union
 import numpy as np
 import torch
 
-from .potentials import PairTable
+from .potentials import CubicSpline, NeuralCorrection, PairPotential, PairTable, PotentialSum
 
 __all__ = ["Trainer", "TrainingError", "boltzmann_inversion", "fit_table_to_curve", "ESTIMATORS"]
 
@@ -258,6 +258,16 @@ class Trainer:
         damping holds back) and damps the noisy wiggles, mostly at the wall
         where g(r) is small. 0 (default) turns it off; with it on, a small
         ``imc_damping`` (1e-6) is enough. See docs/training.md.
+    imc_roughness : float
+        ``optimizer="imc"``: weight ν of a penalty on the roughness of the
+        learned correction itself (squared fourth differences of the spline or
+        neural terms' u(r)/kT on the same grid), relative to ``JᵀJ``
+        (trace-normalised). Where ``imc_smoothing`` keeps each step from adding
+        wiggles, this removes those already there (from the start or the
+        noise of earlier steps) in directions the data cannot see, such as an
+        alternation of the wall knots that a smeared g(r) averages out; an
+        analytic prior (soft sphere) is left free to carry the steep wall.
+        0 (default) turns it off. See docs/training.md.
     max_potential_change : float
         ``optimizer="imc"``: the largest change of u(r) per step, in kT (of the
         coldest state), where a target has g(r) > 0.05; halved with every
@@ -297,6 +307,7 @@ class Trainer:
         max_potential_change: float = 0.5,
         average_last: int = 0,
         imc_smoothing: float = 0.0,
+        imc_roughness: float = 0.0,
     ):
         states = check_fit_inputs(table, states, "Trainer")
         if isinstance(estimator, str) and estimator not in ESTIMATORS:
@@ -308,8 +319,9 @@ class Trainer:
         for name, value in (("imc_damping", imc_damping), ("max_potential_change", max_potential_change)):
             if not (math.isfinite(float(value)) and float(value) > 0):
                 raise ValueError(f"{name} must be a positive number, got {value}")
-        if not (math.isfinite(float(imc_smoothing)) and float(imc_smoothing) >= 0):
-            raise ValueError(f"imc_smoothing must be a non-negative number, got {imc_smoothing}")
+        for name, value in (("imc_smoothing", imc_smoothing), ("imc_roughness", imc_roughness)):
+            if not (math.isfinite(float(value)) and float(value) >= 0):
+                raise ValueError(f"{name} must be a non-negative number, got {value}")
         if lr_schedule not in ("constant", "cosine"):
             raise ValueError(f"lr_schedule must be 'constant' or 'cosine', got {lr_schedule!r}")
         for name, value in (("learning_rate", learning_rate),):
@@ -336,6 +348,7 @@ class Trainer:
             optimizer=optimizer,
             imc_damping=float(imc_damping),
             imc_smoothing=float(imc_smoothing),
+            imc_roughness=float(imc_roughness),
             max_potential_change=float(max_potential_change),
             average_last=int(average_last),
             max_epochs=int(max_epochs),
@@ -894,26 +907,18 @@ class Trainer:
                     return True
         return False
 
-    def _curvature_matrix(self) -> torch.Tensor:
-        """``Σ (D₂B)ᵀ(D₂B)``: squared second differences of δu/kT per unit parameter step.
+    def _smoothing_grids(self) -> List[tuple]:
+        """Per target pair: (pair, r), the grid the smoothing penalties act on.
 
-        ``B`` is the Jacobian of u(r)/kT (kT of the coldest state) on a grid
-        per target pair, from three grid points below the first r where a
-        target of that pair has g(r) > 1e-3 up to the cutoff, spaced like the
-        finest target grid of the pair; ``D₂`` takes second differences along it. Recomputed every step
-        (an analytic prior's σ makes it depend on the parameters); it costs one
-        backward pass per grid point of a small table (0.09 s for the demo's).
+        From three grid points below the first r where a target of that pair
+        has g(r) > 1e-3 up to the cutoff, spaced like the finest target grid
+        of the pair.
         """
-        from .gradients import _flat_gradient
-
-        params = self._trainable()
-        n_params = sum(p.numel() for p in params)
-        kT = min(float(s.kT) for s in self.states)
         spans: Dict[tuple, List[float]] = {}
         for pair, r_wall, width in self._target_walls():
             lo, dr = spans.get(pair, [np.inf, np.inf])
             spans[pair] = [min(lo, r_wall), min(dr, width)]
-        matrix = torch.zeros(n_params, n_params, dtype=torch.float64)
+        grids = []
         for pair, (lo, width) in spans.items():
             # A few points into the excluded core tie the knots there (which the
             # data do not see) smoothly to the step above the wall, so the
@@ -922,7 +927,25 @@ class Trainer:
             # swamp the penalty of every other parameter.
             lo = max(lo - _CORE_POINTS * width, 0.5 * width)
             n_points = int(np.ceil((self.table.cutoff - lo) / width - 1e-9))  # every point below the cutoff
-            r = torch.as_tensor(lo + width * np.arange(n_points), dtype=torch.float64)
+            grids.append((pair, torch.as_tensor(lo + width * np.arange(n_points), dtype=torch.float64)))
+        return grids
+
+    def _curvature_matrix(self) -> torch.Tensor:
+        """``Σ (D₂B)ᵀ(D₂B)``: squared second differences of δu/kT per unit parameter step.
+
+        ``B`` is the Jacobian of u(r)/kT (kT of the coldest state) on each
+        target pair's smoothing grid (:meth:`_smoothing_grids`); ``D₂`` takes
+        second differences along it. Recomputed every step
+        (an analytic prior's σ makes it depend on the parameters); it costs one
+        backward pass per grid point of a small table (0.09 s for the demo's).
+        """
+        from .gradients import _flat_gradient
+
+        params = self._trainable()
+        n_params = sum(p.numel() for p in params)
+        kT = min(float(s.kT) for s in self.states)
+        matrix = torch.zeros(n_params, n_params, dtype=torch.float64)
+        for pair, r in self._smoothing_grids():
             if r.numel() < 3:  # a wall at the cutoff: nothing to smooth
                 continue
             pair_type = torch.full_like(r, self.table.pair_index(pair), dtype=torch.long)
@@ -934,6 +957,37 @@ class Trainer:
             matrix = matrix + d2b.T @ d2b
         return matrix
 
+    def _correction_roughness(self) -> Optional[tuple]:
+        """Fourth differences ``w`` of the learned corrections' u(r)/kT and their Jacobian ``W``.
+
+        The corrections are the :class:`CubicSpline` and :class:`NeuralCorrection`
+        terms of each pair's potential (all of it if it is one such term); an
+        analytic prior (soft sphere, ...) is left out, so it is free to carry
+        the steep wall while the correction stays smooth. Taken on
+        :meth:`_smoothing_grids` refined twofold. Returns ``(W, w)``, shapes
+        (K, n_params) and (K,), or None when no pair has a correction.
+        """
+        from .gradients import _flat_gradient
+
+        params = self._trainable()
+        kT = min(float(s.kT) for s in self.states)
+        rows, values = [], []
+        for pair, r in self._smoothing_grids():
+            terms = _correction_terms(self.table.pair_potentials[self.table.pair_index(pair)])
+            if not terms or r.numel() < 3:
+                continue
+            # Twice as fine as the targets' grid: on bin centres alone, an
+            # alternation of knots spaced like the bins would fall between them.
+            r = torch.linspace(float(r[0]), float(r[-1]), 2 * r.numel() - 1, dtype=torch.float64)
+            with torch.enable_grad():
+                u = sum(term.energy_and_derivative(r)[0] for term in terms) / kT
+                fourth = u[4:] - 4.0 * u[3:-1] + 6.0 * u[2:-2] - 4.0 * u[1:-3] + u[:-4]
+                rows += [_flat_gradient(fourth[k], params) for k in range(fourth.shape[0])]
+            values.append(fourth.detach())
+        if not rows:
+            return None
+        return torch.stack(rows).detach().to(torch.float64), torch.cat(values)
+
     def _smoothing_penalty(self, curvature_of_loss: torch.Tensor) -> Optional[torch.Tensor]:
         """``imc_smoothing`` × the curvature matrix, scaled to the trace of ``JᵀJ`` (or the metric); None when off."""
         weight = self.options.get("imc_smoothing", 0.0)
@@ -944,6 +998,27 @@ class Trainer:
         if not trace > 0:
             return None
         return weight * float(torch.trace(curvature_of_loss)) / trace * matrix
+
+    def _roughness_penalty(self, jtj: torch.Tensor, penalty: Optional[torch.Tensor], jtr: torch.Tensor) -> tuple:
+        """Add ``imc_roughness`` ν to the Newton system: ``ν' WᵀW`` to the matrix, ``ν' Wᵀw`` to ``Jᵀρ``.
+
+        The step then minimises ``|ρ + Jδ|² + ν' |w + Wδ|²`` (plus the other
+        penalties): the fourth differences ``w`` of the learned correction
+        itself (:meth:`_correction_roughness`), not of the step, are pulled
+        towards zero, ν' = ν trace(JᵀJ) / trace(WᵀW). Returns the new penalty,
+        the new right-hand side and ``|w|²`` before the step.
+        """
+        found = self._correction_roughness()
+        if found is None:
+            return penalty, jtr, None
+        w_matrix, w = found
+        trace = float(torch.trace(w_matrix.T @ w_matrix))
+        if not trace > 0:
+            return penalty, jtr, float(w @ w)
+        weight = self.options["imc_roughness"] * float(torch.trace(jtj)) / trace
+        extra = weight * (w_matrix.T @ w_matrix)
+        penalty = extra if penalty is None else penalty + extra
+        return penalty, jtr + weight * (w_matrix.T @ w), float(w @ w)
 
     def _move_within(self, step: torch.Tensor, limit: float, normalise: bool = False) -> tuple:
         """Move the parameters by ``scale * step``, u(r) changing by at most ``limit`` kT.
@@ -1074,6 +1149,9 @@ class Trainer:
         """
         jtj, jtr, loss0 = self._residual_jacobian()
         penalty = self._smoothing_penalty(jtj)
+        roughness = None
+        if self.options.get("imc_roughness", 0.0) > 0:
+            penalty, jtr, roughness = self._roughness_penalty(jtj, penalty, jtr)
         damping = self.options["imc_damping"]
         step = _damped_solve(jtj, jtr, damping, penalty)
         # A rolled-back step halves the learning rate; the IMC step (which has
@@ -1095,6 +1173,7 @@ class Trainer:
             "loss_before": loss0,
             "core_hole_shrinks": hole_shrinks,
             "damping": damping,
+            **({} if roughness is None else {"roughness": roughness}),
         }
 
     # -- main loop ----------------------------------------------------------------------
@@ -1473,6 +1552,16 @@ _FALLBACK_DAMPING_MAX = 1.0
 # penalty, and bins by which the Boltzmann-inversion guess continues the wall
 # into the core.
 _CORE_POINTS = 3
+
+
+def _correction_terms(potential: PairPotential) -> List[PairPotential]:
+    """The learned (spline or neural) terms of a pair potential: itself, or those of a :class:`PotentialSum`."""
+    learned = (CubicSpline, NeuralCorrection)
+    if isinstance(potential, learned):
+        return [potential]
+    if isinstance(potential, PotentialSum):
+        return [term for term in potential.terms if isinstance(term, learned)]
+    return []
 
 
 def _damped_solve(

@@ -388,19 +388,22 @@ def test_demo_potential_error_removes_only_the_cutoff_convention():
     assert error["u_rms_error_kT_mean_offset"] <= error["u_rms_error_kT"]
 
 
-def test_demo_grows_the_imc_sample_only_for_its_last_steps():
+def test_demo_imc_sample_follows_its_schedule_and_keeps_the_last_size():
     from types import SimpleNamespace
 
     from openmm_diffsim import demo
 
-    def trainer_after(done, loss):
-        trainer = SimpleNamespace(options={"max_epochs": 10, "n_snapshots": 100, "progress": False})
-        demo._grow_samples(trainer, {"epoch": done - 1, "loss": loss})
-        return trainer.options["n_snapshots"]
-
-    assert trainer_after(3, 1e-5) == 100  # converged early: still the small sample (bounded cost)
-    assert trainer_after(7, 1e-5) == 200  # the last three steps take the large sample
-    assert trainer_after(8, 1e-2) == 100  # far from the target: no growth
+    schedule = demo.IMC_SAMPLE_SCHEDULE
+    trainer = SimpleNamespace(options={"n_snapshots": schedule[0], "progress": False})
+    sizes = [trainer.options["n_snapshots"]]
+    for epoch in range(len(schedule) + 2):  # two steps past the schedule (--max-epochs 12)
+        demo._follow_sample_schedule(trainer, {"epoch": epoch, "loss": 1.0})
+        sizes.append(trainer.options["n_snapshots"])
+    assert sizes[: len(schedule)] == list(schedule)
+    assert sizes[len(schedule) :] == [schedule[-1]] * 3
+    # The last four steps (the averaged iterates) take the largest sample.
+    assert schedule[-4:] == (max(schedule),) * 4
+    assert demo._demo_settings("reweighting", False, None, None)["average_last"] == 4
 
 
 def test_make_demo_target_writes_the_rdf_and_reports_pressure_and_energy(tmp_path, monkeypatch):
@@ -410,11 +413,14 @@ def test_make_demo_target_writes_the_rdf_and_reports_pressure_and_energy(tmp_pat
     monkeypatch.setattr(demo, "TARGET_PROTOCOL", dict(n_snapshots=20, interval=10, equilibration=200))
     path = tmp_path / "target.dat"
     out = demo.make_demo_target(path, seeds=(1, 2))
-    assert out["g_per_seed"].shape == (2, 100)
+    assert out["g_per_seed"].shape == (2, demo.RDF_GRID["n_bins"])
     np.testing.assert_allclose(out["g"], out["g_per_seed"].mean(0))
     written = read_target(path, pair=("Ar", "Ar"))
     np.testing.assert_allclose(written.g, out["g"], rtol=1e-6, atol=1e-8)
     assert "LangevinMiddle 10 fs" in path.read_text().splitlines()[1]
+    # The shipped target lies on the grid every fit and check of the demo uses.
+    shipped = read_target(demo.demo_target_path(), pair=("Ar", "Ar"))
+    np.testing.assert_allclose(shipped.r, written.r, atol=1e-12)
     # Short runs from a lattice: near, not at, the shipped targets (liquid argon at 120 K).
     for key, low, high in (("pressure", -2000.0, 3000.0), ("energy", -5.5, -4.0)):
         assert len(out[key]) == 2 and all(low < v < high for v in out[key])

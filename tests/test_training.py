@@ -659,6 +659,68 @@ def test_imc_smoothing_penalises_the_curvature_of_a_step_not_smooth_ramps():
         Trainer(prior_plus_spline(knots), [state], "reweighting", optimizer="imc", imc_smoothing=-1.0)
 
 
+def test_imc_roughness_smooths_the_correction_where_the_data_are_blind_and_leaves_the_prior_free():
+    from openmm_diffsim.training import _damped_solve
+
+    knots = np.arange(0.29, 0.705, 0.01)
+    table = prior_plus_spline(knots)
+    prior, spline = table.pair_potentials[0].terms
+    prior.sigma.requires_grad_(True)  # trainable, as in the demo: the prior may carry the wall
+    state = small_state()
+    trainer = Trainer(table, [state], "reweighting", optimizer="imc", imc_roughness=0.01, progress=False)
+    target = state.targets[0]
+    r = np.asarray(target.r)
+    r_grid = r[np.nonzero(np.asarray(target.g) > 1e-3)[0][0] - 3 :]  # three points into the core, as the smoothing
+    r_grid = r_grid[r_grid < CUTOFF]
+    centres = r_grid[(r_grid > knots[0] + 0.05) & (r_grid < knots[-1] - 0.05)]
+    r_grid = np.linspace(r_grid[0], r_grid[-1], 2 * r_grid.size - 1)  # refined twofold
+    with torch.no_grad():
+        spline.values.copy_(torch.as_tensor(0.5 + 2.0 * knots + 0.1 * (-1.0) ** np.arange(knots.size)))
+
+    def fourth_differences(r_points):
+        return np.diff(spline.energy_and_derivative(torch.as_tensor(r_points))[0].detach().numpy() / state.kT, 4)
+
+    # The knots alternate by 0.1 kJ/mol: between them (on the bin centres) the
+    # spline hardly shows it; on the twofold grid it does.
+    assert np.abs(fourth_differences(centres)).max() < 0.01 < 0.2 < np.abs(fourth_differences(r_grid)).max()
+    w_matrix, w = trainer._correction_roughness()
+    # Independently: fourth differences of the spline term alone (not the prior) on the grid, in kT.
+    by_hand = fourth_differences(r_grid)
+    np.testing.assert_allclose(w.numpy(), by_hand, rtol=1e-9, atol=1e-10)
+    # Its Jacobian: nothing for σ (the prior is free), and the spline's own (linear) response.
+    assert w_matrix.shape == (by_hand.size, 1 + knots.size)
+    assert float(w_matrix[:, 0].abs().max()) == 0.0
+    for k in (0, 7, 20):
+        with torch.no_grad():
+            spline.values[k] += 1.0
+        moved = trainer._correction_roughness()[1]
+        with torch.no_grad():
+            spline.values[k] -= 1.0
+        np.testing.assert_allclose((moved - w).numpy(), w_matrix[:, 1 + k].numpy(), atol=1e-9)
+    # A step whose data see only cubics in r (near the fourth differences' null
+    # space) removes the alternation of the knots and keeps the straight line.
+    visible = torch.zeros(4, 1 + knots.size, dtype=torch.float64)
+    for power in range(4):
+        visible[power, 1:] = torch.as_tensor((knots - knots.mean()) / np.ptp(knots)) ** power
+    jtj = visible.T @ visible
+    penalty, rhs, before = trainer._roughness_penalty(jtj, None, torch.zeros(1 + knots.size, dtype=torch.float64))
+    assert before == pytest.approx(float(w @ w))
+    assert float(torch.trace(penalty)) == pytest.approx(0.01 * float(torch.trace(jtj)))
+    step = _damped_solve(jtj, rhs, 1e-9, penalty)
+    assert abs(float(step[0])) < 1e-12
+    with torch.no_grad():
+        spline.values += step[1:]
+    # What is left of the alternation is a smooth (cubic) remainder of its overlap with the visible cubics.
+    change = spline.values.detach().numpy() - (0.5 + 2.0 * knots)
+    assert np.abs(change).max() < 0.03
+    assert np.abs(change - np.polyval(np.polyfit(knots, change, 3), knots)).max() < 2e-3
+    assert float(trainer._correction_roughness()[1].norm()) < 1e-3 * float(w.norm())
+    # Off by default; a negative weight is refused.
+    assert Trainer(prior_plus_spline(knots), [state], "reweighting", optimizer="imc").options["imc_roughness"] == 0.0
+    with pytest.raises(ValueError, match="imc_roughness"):
+        Trainer(prior_plus_spline(knots), [state], "reweighting", optimizer="imc", imc_roughness=-0.1)
+
+
 def test_imc_with_smoothing_fits_a_spline_to_a_simulated_rdf(tmp_path):
     """Smoothed IMC steps with almost no damping improve u(r) of a spline started at the Boltzmann inversion."""
     target = simulated_lj_target()

@@ -27,7 +27,9 @@ Methods (``--methods``): ``reweighting``, ``rollout``, ``adjoint`` (the
 (Levenberg–Marquardt on reweighted RDFs inside an N_eff trust region), ``imc``
 (inverse Monte Carlo: ``optimizer="imc"``, one capped Newton step per fresh
 sample), ``imc-smooth`` (the same with ``imc_smoothing`` in place of most of
-the damping) and ``ibi`` (:class:`~openmm_diffsim.ibi.IBI`). Methods not run keep
+the damping), ``imc-steady`` (``imc-smooth`` with damping 1e-4), ``imc-trust``
+(``imc-smooth`` that undoes a step after which the loss doubled,
+``imc_reject_factor``) and ``ibi`` (:class:`~openmm_diffsim.ibi.IBI`). Methods not run keep
 their earlier results in ``results.json``. Every method starts from the same
 potential: cubic splines (knots every 0.05σ from where the target first
 exceeds g = 0.01 to the cutoff) set to the Boltzmann inversion of the training
@@ -84,7 +86,17 @@ BINARY_FRACTIONS = (0.25, 0.5, 0.75)
 TEMPS_TRAIN = (1.0, 1.5, 2.0)
 TEMPS_TEST = 2.5
 TEMPS_DENSITY = 0.8
-METHODS = ("reweighting", "rollout", "adjoint", "gauss-newton", "imc", "imc-smooth", "ibi")
+METHODS = (
+    "reweighting",
+    "rollout",
+    "adjoint",
+    "gauss-newton",
+    "imc",
+    "imc-smooth",
+    "imc-steady",
+    "imc-trust",
+    "ibi",
+)
 
 #: Protocols per scale. target/evaluation: (frames, MD steps between frames, equilibration steps).
 SCALES: Dict[str, Dict[str, Any]] = {
@@ -92,21 +104,42 @@ SCALES: Dict[str, Dict[str, Any]] = {
         n=256,
         target=(40, 50, 1000),
         evaluation=(20, 50, 500),
-        epochs=dict(ibi=2, reweighting=2, imc=2, rollout=1, adjoint=1, **{"gauss-newton": 2, "imc-smooth": 2}),
+        epochs=dict(
+            ibi=2,
+            reweighting=2,
+            imc=2,
+            rollout=1,
+            adjoint=1,
+            **{"gauss-newton": 2, "imc-smooth": 2, "imc-steady": 2, "imc-trust": 2},
+        ),
         curve_points=2,
     ),
     "reduced": dict(
         n=256,
         target=(300, 50, 5000),
         evaluation=(60, 50, 1000),
-        epochs=dict(ibi=15, reweighting=20, imc=8, rollout=8, adjoint=3, **{"gauss-newton": 8, "imc-smooth": 8}),
+        epochs=dict(
+            ibi=15,
+            reweighting=20,
+            imc=8,
+            rollout=8,
+            adjoint=3,
+            **{"gauss-newton": 8, "imc-smooth": 8, "imc-steady": 8, "imc-trust": 8},
+        ),
         curve_points=3,
     ),
     "full": dict(
         n=500,
         target=(1000, 50, 10000),
         evaluation=(300, 50, 5000),
-        epochs=dict(ibi=60, reweighting=150, imc=30, rollout=60, adjoint=60, **{"gauss-newton": 40, "imc-smooth": 30}),
+        epochs=dict(
+            ibi=60,
+            reweighting=150,
+            imc=30,
+            rollout=60,
+            adjoint=60,
+            **{"gauss-newton": 40, "imc-smooth": 30, "imc-steady": 30, "imc-trust": 30},
+        ),
         curve_points=10,
     ),
 }
@@ -143,6 +176,12 @@ METHOD_SETTINGS: Dict[str, Dict[str, Any]] = {
     ),
 }
 METHOD_SETTINGS["adjoint"] = copy.deepcopy(METHOD_SETTINGS["rollout"])
+# Between imc and imc-smooth: the smoothing, with enough damping (1e-4) to hold
+# back the noisiest directions of a 100-frame step (the Morse case).
+METHOD_SETTINGS["imc-steady"] = dict(METHOD_SETTINGS["imc-smooth"], imc_damping=1e-4)
+# imc-smooth that undoes a step after which the fresh sample's loss doubled
+# (an overshoot near a phase boundary) and retakes it with half the cap.
+METHOD_SETTINGS["imc-trust"] = dict(METHOD_SETTINGS["imc-smooth"], imc_reject_factor=2.0)
 
 
 # -- cases ---------------------------------------------------------------------------------------------------
@@ -357,7 +396,7 @@ def train(method: str, table: PairTable, states, epochs: int, output: Path, seed
     if method == "ibi":
         run = IBI(table, states, **common, **settings)
     else:
-        estimator = "reweighting" if method in ("imc", "imc-smooth", "gauss-newton") else method
+        estimator = "reweighting" if method.startswith("imc") or method == "gauss-newton" else method
         run = Trainer(table, states, estimator, **common, **settings)
     try:
         run.fit()

@@ -789,6 +789,7 @@ _TRAINING_KEYS = {
     "imc_damping": dict(positive=True),
     "imc_smoothing": dict(non_negative=True),
     "imc_roughness": dict(non_negative=True),
+    "imc_reject_factor": dict(positive=True),
     "max_potential_change": dict(positive=True),
     "average_last": dict(integer=True, non_negative=True),
 }

@@ -268,6 +268,14 @@ class Trainer:
         alternation of the wall knots that a smeared g(r) averages out; an
         analytic prior (soft sphere) is left free to carry the steep wall.
         0 (default) turns it off. See docs/training.md.
+    imc_reject_factor : float or None
+        ``optimizer="imc"``: undo a step after which the freshly sampled loss
+        exceeds this factor times the loss before it (a linearised step that
+        overshot, e.g. across a phase boundary): the parameters go back, and
+        the same Newton step is taken again, capped at half the change of u(r)
+        the undone step made; after a step that is kept, the cap grows 1.5×
+        back towards ``max_potential_change``.
+        None (default): every step is kept.
     max_potential_change : float
         ``optimizer="imc"``: the largest change of u(r) per step, in kT (of the
         coldest state), where a target has g(r) > 0.05; halved with every
@@ -308,6 +316,7 @@ class Trainer:
         average_last: int = 0,
         imc_smoothing: float = 0.0,
         imc_roughness: float = 0.0,
+        imc_reject_factor: Optional[float] = None,
     ):
         states = check_fit_inputs(table, states, "Trainer")
         if isinstance(estimator, str) and estimator not in ESTIMATORS:
@@ -322,6 +331,8 @@ class Trainer:
         for name, value in (("imc_smoothing", imc_smoothing), ("imc_roughness", imc_roughness)):
             if not (math.isfinite(float(value)) and float(value) >= 0):
                 raise ValueError(f"{name} must be a non-negative number, got {value}")
+        if imc_reject_factor is not None and not (math.isfinite(float(imc_reject_factor)) and imc_reject_factor > 1):
+            raise ValueError(f"imc_reject_factor must be a number above 1 (or None), got {imc_reject_factor}")
         if lr_schedule not in ("constant", "cosine"):
             raise ValueError(f"lr_schedule must be 'constant' or 'cosine', got {lr_schedule!r}")
         for name, value in (("learning_rate", learning_rate),):
@@ -349,6 +360,7 @@ class Trainer:
             imc_damping=float(imc_damping),
             imc_smoothing=float(imc_smoothing),
             imc_roughness=float(imc_roughness),
+            imc_reject_factor=None if imc_reject_factor is None else float(imc_reject_factor),
             max_potential_change=float(max_potential_change),
             average_last=int(average_last),
             max_epochs=int(max_epochs),
@@ -397,6 +409,9 @@ class Trainer:
         self._lm_damping = 1.0
         self._natural_fraction: Optional[float] = None  # optimizer="natural": step fraction f
         self._natural_last_loss: Optional[float] = None
+        # optimizer="imc" with imc_reject_factor: the last step taken (parameters
+        # before it, its Newton system, loss and cap), to undo it.
+        self._imc_last: Optional[Dict[str, Any]] = None
         self._build_estimators()
         self.optimizer = self._make_optimizer()
 
@@ -1148,15 +1163,36 @@ class Trainer:
         the next sample to propose the same step.
         """
         jtj, jtr, loss0 = self._residual_jacobian()
+        # A rolled-back step halves the learning rate; the IMC step (which has
+        # none) shrinks its cap by the same factor, so a retry is not the same step.
+        limit = self.options["max_potential_change"] * self.learning_rate / self.options["learning_rate"]
+        undone = False
+        factor = self.options.get("imc_reject_factor")
+        last = self._imc_last
+        if factor is not None and last is not None:
+            if loss0 > factor * last["loss"]:
+                # The last step overshot: back to where it started, the same
+                # Newton system, half its cap. The fresh sample only judged it.
+                self._set_flat_parameters(last["parameters"])
+                jtj, jtr, loss0 = last["jtj"], last["jtr"], last["loss"]
+                # Half the length the step actually had (often below its cap).
+                limit, undone = 0.5 * (last.get("moved") or last["limit"]), True
+            else:
+                limit = min(limit, 1.5 * last["limit"])
+        if factor is not None:
+            self._imc_last = {
+                "parameters": self._flat_parameters().clone(),
+                "jtj": jtj.clone(),
+                "jtr": jtr.clone(),
+                "loss": float(loss0),
+                "limit": float(limit),
+            }
         penalty = self._smoothing_penalty(jtj)
         roughness = None
         if self.options.get("imc_roughness", 0.0) > 0:
             penalty, jtr, roughness = self._roughness_penalty(jtj, penalty, jtr)
         damping = self.options["imc_damping"]
         step = _damped_solve(jtj, jtr, damping, penalty)
-        # A rolled-back step halves the learning rate; the IMC step (which has
-        # none) shrinks its cap by the same factor, so a retry is not the same step.
-        limit = self.options["max_potential_change"] * self.learning_rate / self.options["learning_rate"]
         moved, scale, hole_shrinks = self._move_within(step, limit)
         # No length of this step keeps the core free of a well: the knots the
         # data do not see moved too far. Refusing it would leave the next
@@ -1166,6 +1202,8 @@ class Trainer:
             step = _damped_solve(jtj, jtr, damping, penalty)
             moved, scale, more = self._move_within(step, limit)
             hole_shrinks += more
+        if self._imc_last is not None and factor is not None:
+            self._imc_last["moved"] = float(moved)
         self.snapshots.clear()
         return {
             "max_change_kT": moved,
@@ -1174,6 +1212,7 @@ class Trainer:
             "core_hole_shrinks": hole_shrinks,
             "damping": damping,
             **({} if roughness is None else {"roughness": roughness}),
+            **({} if factor is None else {"undone": undone, "cap_kT": limit}),
         }
 
     # -- main loop ----------------------------------------------------------------------
@@ -1305,6 +1344,8 @@ class Trainer:
                 self.best_state = copy.deepcopy(self.table.state_dict())
             self.epoch += 1
             if self.options["average_last"] > 1:
+                if record.get("imc", {}).get("undone") and self._recent_parameters:
+                    self._recent_parameters.pop()  # the iterate that overshot is no result
                 self._recent_parameters.append(self._flat_parameters())
                 del self._recent_parameters[: -self.options["average_last"]]
             self._report(record)
@@ -1332,6 +1373,14 @@ class Trainer:
     def _flat_parameters(self) -> torch.Tensor:
         return torch.cat([p.detach().reshape(-1).clone() for p in self._trainable()])
 
+    def _set_flat_parameters(self, flat: torch.Tensor) -> None:
+        offset = 0
+        with torch.no_grad():
+            for p in self._trainable():
+                n = p.numel()
+                p.copy_(flat[offset : offset + n].reshape(p.shape).to(p.dtype))
+                offset += n
+
     def _average_recent_iterates(self) -> None:
         """Replace the parameters by the mean of the last ``average_last`` iterates.
 
@@ -1341,13 +1390,7 @@ class Trainer:
         recent = self._recent_parameters
         if self.options["average_last"] < 2 or len(recent) < 2 or self.averaged_epoch == self.epoch:
             return
-        mean = torch.stack(recent).mean(0)
-        offset = 0
-        with torch.no_grad():
-            for p in self._trainable():
-                n = p.numel()
-                p.copy_(mean[offset : offset + n].reshape(p.shape).to(p.dtype))
-                offset += n
+        self._set_flat_parameters(torch.stack(recent).mean(0))
         self.averaged_epoch = self.epoch
         if self.options["progress"] and self._is_main():
             print(f"  final potential: mean of the last {len(recent)} iterates")
@@ -1417,6 +1460,7 @@ class Trainer:
             "averaged_epoch": self.averaged_epoch,
             "natural_fraction": self._natural_fraction,
             "natural_last_loss": self._natural_last_loss,
+            "imc_last": self._imc_last,
             "torch_rng": torch.get_rng_state(),
         }
 
@@ -1493,6 +1537,7 @@ class Trainer:
         trainer.averaged_epoch = data.get("averaged_epoch")
         trainer._natural_fraction = data.get("natural_fraction")
         trainer._natural_last_loss = data.get("natural_last_loss")
+        trainer._imc_last = data.get("imc_last")
         for name, calls in data.get("rollout_calls", {}).items():
             if name in trainer.rollouts:
                 trainer.rollouts[name].calls = int(calls)

@@ -721,6 +721,37 @@ def test_imc_roughness_smooths_the_correction_where_the_data_are_blind_and_leave
         Trainer(prior_plus_spline(knots), [state], "reweighting", optimizer="imc", imc_roughness=-0.1)
 
 
+def test_imc_undoes_a_step_that_overshot_and_retakes_it_with_half_the_cap(tmp_path):
+    trainer = quick_trainer(tmp_path, optimizer="imc", imc_reject_factor=2.0, max_potential_change=0.5)
+    jtj = torch.eye(2, dtype=torch.float64)
+    jtr = torch.tensor([-0.01, 0.005], dtype=torch.float64)  # sigma +0.01 nm: the cap sets the length
+    losses = iter([1.0, 5.0, 0.9])
+    trainer._residual_jacobian = lambda: (jtj, jtr, next(losses))
+    start = trainer._flat_parameters()
+    first = trainer._imc_step()
+    after_first = trainer._flat_parameters()
+    assert not first["undone"] and first["cap_kT"] == pytest.approx(0.5)
+    assert 0.3 < first["max_change_kT"] <= 0.5 * (1 + 1e-9)  # shortened to the cap (u is not linear in σ)
+    # The fresh sample's loss is 5x the last one: back to the start, the same step, half as long.
+    second = trainer._imc_step()
+    assert second["undone"] and second["cap_kT"] == pytest.approx(0.5 * first["max_change_kT"])
+    assert 0.6 * second["cap_kT"] < second["max_change_kT"] <= second["cap_kT"] * (1 + 1e-9)
+    retaken = trainer._flat_parameters() - start
+    taken = after_first - start
+    assert float(retaken @ taken / (retaken.norm() * taken.norm())) > 0.999
+    assert float(retaken.norm()) < 0.7 * float(taken.norm())
+    # A kept step lets the cap grow back by 1.5x.
+    third = trainer._imc_step()
+    assert not third["undone"] and third["cap_kT"] == pytest.approx(1.5 * second["cap_kT"])
+    # The state to undo the last step survives a checkpoint.
+    trainer.save_checkpoint()
+    resumed = Trainer.resume(tmp_path)
+    assert resumed._imc_last["loss"] == 0.9 and resumed._imc_last["limit"] == pytest.approx(third["cap_kT"])
+    assert resumed._imc_last["moved"] == pytest.approx(third["max_change_kT"])
+    with pytest.raises(ValueError, match="imc_reject_factor"):
+        quick_trainer(tmp_path, optimizer="imc", imc_reject_factor=1.0)
+
+
 def test_imc_with_smoothing_fits_a_spline_to_a_simulated_rdf(tmp_path):
     """Smoothed IMC steps with almost no damping improve u(r) of a spline started at the Boltzmann inversion."""
     target = simulated_lj_target()

@@ -1160,7 +1160,9 @@ class Trainer:
         If no length of the step keeps the core free of a well, it is
         recomputed with ten times the damping (at least 1e-3, at most 1;
         logged as ``damping``) instead of being refused, which would leave
-        the next sample to propose the same step.
+        the next sample to propose the same step. With ``imc_reject_factor``,
+        a fresh loss above that factor times the last one undoes the last
+        step first (logged as ``undone``, the cap as ``cap_kT``).
         """
         jtj, jtr, loss0 = self._residual_jacobian()
         # A rolled-back step halves the learning rate; the IMC step (which has
@@ -1172,10 +1174,11 @@ class Trainer:
         if factor is not None and last is not None:
             if loss0 > factor * last["loss"]:
                 # The last step overshot: back to where it started, the same
-                # Newton system, half its cap. The fresh sample only judged it.
+                # Newton system, capped at half the change the step made (often
+                # below its cap, which halving would leave the step as it was).
+                # The fresh sample only judged the step.
                 self._set_flat_parameters(last["parameters"])
                 jtj, jtr, loss0 = last["jtj"], last["jtr"], last["loss"]
-                # Half the length the step actually had (often below its cap).
                 limit, undone = 0.5 * (last.get("moved") or last["limit"]), True
             else:
                 limit = min(limit, 1.5 * last["limit"])

@@ -388,22 +388,19 @@ def test_demo_potential_error_removes_only_the_cutoff_convention():
     assert error["u_rms_error_kT_mean_offset"] <= error["u_rms_error_kT"]
 
 
-def test_demo_imc_sample_follows_its_schedule_and_keeps_the_last_size():
+def test_demo_grows_the_imc_sample_only_for_its_last_steps():
     from types import SimpleNamespace
 
     from openmm_diffsim import demo
 
-    schedule = demo.IMC_SAMPLE_SCHEDULE
-    trainer = SimpleNamespace(options={"n_snapshots": schedule[0], "progress": False})
-    sizes = [trainer.options["n_snapshots"]]
-    for epoch in range(len(schedule) + 2):  # two steps past the schedule (--max-epochs 12)
-        demo._follow_sample_schedule(trainer, {"epoch": epoch, "loss": 1.0})
-        sizes.append(trainer.options["n_snapshots"])
-    assert sizes[: len(schedule)] == list(schedule)
-    assert sizes[len(schedule) :] == [schedule[-1]] * 3
-    # The last four steps (the averaged iterates) take the largest sample.
-    assert schedule[-4:] == (max(schedule),) * 4
-    assert demo._demo_settings("reweighting", False, None, None)["average_last"] == 4
+    def trainer_after(done, loss):
+        trainer = SimpleNamespace(options={"max_epochs": 10, "n_snapshots": 100, "progress": False})
+        demo._grow_samples(trainer, {"epoch": done - 1, "loss": loss})
+        return trainer.options["n_snapshots"]
+
+    assert trainer_after(3, 1e-5) == 100  # converged early: still the small sample (bounded cost)
+    assert trainer_after(7, 1e-5) == 200  # the last three steps take the large sample
+    assert trainer_after(8, 1e-2) == 100  # far from the target: no growth
 
 
 def test_make_demo_target_writes_the_rdf_and_reports_pressure_and_energy(tmp_path, monkeypatch):

@@ -104,45 +104,27 @@ SCALES: Dict[str, Dict[str, Any]] = {
         n=256,
         target=(40, 50, 1000),
         evaluation=(20, 50, 500),
-        epochs=dict(
-            ibi=2,
-            reweighting=2,
-            imc=2,
-            rollout=1,
-            adjoint=1,
-            **{"gauss-newton": 2, "imc-smooth": 2, "imc-steady": 2, "imc-trust": 2},
-        ),
+        epochs={"ibi": 2, "reweighting": 2, "imc": 2, "rollout": 1, "adjoint": 1, "gauss-newton": 2},
         curve_points=2,
     ),
     "reduced": dict(
         n=256,
         target=(300, 50, 5000),
         evaluation=(60, 50, 1000),
-        epochs=dict(
-            ibi=15,
-            reweighting=20,
-            imc=8,
-            rollout=8,
-            adjoint=3,
-            **{"gauss-newton": 8, "imc-smooth": 8, "imc-steady": 8, "imc-trust": 8},
-        ),
+        epochs={"ibi": 15, "reweighting": 20, "imc": 8, "rollout": 8, "adjoint": 3, "gauss-newton": 8},
         curve_points=3,
     ),
     "full": dict(
         n=500,
         target=(1000, 50, 10000),
         evaluation=(300, 50, 5000),
-        epochs=dict(
-            ibi=60,
-            reweighting=150,
-            imc=30,
-            rollout=60,
-            adjoint=60,
-            **{"gauss-newton": 40, "imc-smooth": 30, "imc-steady": 30, "imc-trust": 30},
-        ),
+        epochs={"ibi": 60, "reweighting": 150, "imc": 30, "rollout": 60, "adjoint": 60, "gauss-newton": 40},
         curve_points=10,
     ),
 }
+# Every IMC variant takes as many steps as imc.
+for _scale in SCALES.values():
+    _scale["epochs"].update({m: _scale["epochs"]["imc"] for m in METHODS if m.startswith("imc-")})
 
 #: Per-method settings (same for every case). Snapshot budgets per epoch:
 #: IBI / reweighting / gauss-newton 50 frames every 50 steps, imc 100; rollouts 4 seeds every 200 steps.

@@ -658,8 +658,7 @@ def fisher_metric(table: PairTable, state, snapshots, histogram_bin_width: float
     estimator.reset(table, snapshots, state)
     with torch.enable_grad():
         energy, _ = estimator._energy_and_virial(table, False)
-        rows = [_flat_gradient(energy[s], params) for s in range(n_frames)]
-    derivatives = torch.stack(rows).detach().to(torch.float64)
+        derivatives = _jacobian(energy, params)
     if not bool(torch.isfinite(derivatives).all()):
         raise NonFiniteError("non-finite energy derivatives in fisher_metric")
     centred = derivatives - derivatives.mean(0)
@@ -673,6 +672,13 @@ def _flat_gradient(output: Tensor, params) -> Tensor:
     return torch.cat(
         [(g if g is not None else torch.zeros_like(p)).reshape(-1) for g, p in zip(grads, params, strict=True)]
     )
+
+
+def _jacobian(outputs: Tensor, params) -> Tensor:
+    """Rows ``d outputs[k] / d params``, shape (len(outputs), n_params), detached float64; one backward pass per row."""
+    if outputs.shape[0] == 0:
+        return torch.zeros(0, sum(p.numel() for p in params), dtype=torch.float64)
+    return torch.stack([_flat_gradient(outputs[k], params) for k in range(outputs.shape[0])]).detach().to(torch.float64)
 
 
 # -- rollouts --------------------------------------------------------------------------------
@@ -873,16 +879,12 @@ class RolloutEstimator:
         with torch.enable_grad():
             mean = per_replica.detach().mean(0, keepdim=True).requires_grad_(True)
             (rho,) = torch.autograd.grad(loss(mean), mean)
+        from .energy import potential_energy
+
         contracted = per_replica.detach() @ rho[0]  # (B,)
-        lengths = box_lengths(box).to(positions.dtype)
-        derivatives = []
         with torch.enable_grad():
-            for x in positions:
-                i, j = neighbor_pairs(x, lengths, table.cutoff)
-                r = torch.sqrt((pair_displacements(x, i, j, lengths) ** 2).sum(1))
-                u, _ = table.energy_and_derivative(r, table.pair_types(species[i], species[j]))
-                derivatives.append(_flat_gradient(u.sum(), parameters).detach().to(torch.float64))
-        derivatives = torch.stack(derivatives)  # (B, n_params)
+            energies = torch.stack([potential_energy(table, x, box, species) for x in positions])
+            derivatives = _jacobian(energies, parameters)  # (B, n_params)
         n = derivatives.shape[0]
         centred = contracted - contracted.mean()
         return -float(state.beta) * (centred @ (derivatives - derivatives.mean(0))) / (n - 1)
@@ -904,6 +906,8 @@ class RolloutEstimator:
         targets_prepared = _prepare_targets(table, targets, self.r, self.target_outside)
         rows = [t.row for t in targets_prepared]
         chosen = self._choose(len(snapshots.positions))
+        if self.score_correction and len(chosen) < 2:
+            raise ValueError(f"score_correction needs at least 2 snapshots to start replicas from, got {len(chosen)}")
         call_seed = self.seed * 7919 + self.calls
         self.calls += 1
         positions = torch.as_tensor(np.asarray(snapshots.positions)[chosen], dtype=self.dtype)

@@ -331,7 +331,9 @@ class Trainer:
         for name, value in (("imc_smoothing", imc_smoothing), ("imc_roughness", imc_roughness)):
             if not (math.isfinite(float(value)) and float(value) >= 0):
                 raise ValueError(f"{name} must be a non-negative number, got {value}")
-        if imc_reject_factor is not None and not (math.isfinite(float(imc_reject_factor)) and imc_reject_factor > 1):
+        if imc_reject_factor is not None and not (
+            math.isfinite(float(imc_reject_factor)) and float(imc_reject_factor) > 1
+        ):
             raise ValueError(f"imc_reject_factor must be a number above 1 (or None), got {imc_reject_factor}")
         if lr_schedule not in ("constant", "cosine"):
             raise ValueError(f"lr_schedule must be 'constant' or 'cosine', got {lr_schedule!r}")
@@ -805,15 +807,13 @@ class Trainer:
 
     def _residual_jacobian(self):
         """``JᵀJ``, ``Jᵀρ`` and ``ρ·ρ`` of the reweighted residuals (summed over ranks)."""
-        from .gradients import _flat_gradient
+        from .gradients import _jacobian
 
         params = self._trainable()
         with torch.enable_grad():
             rho, _ = self._residuals()
-            rows = [_flat_gradient(rho[k], params) for k in range(rho.shape[0])]
-        n_params = sum(p.numel() for p in params)
-        jac = torch.stack(rows).detach() if rows else torch.zeros(0, n_params, dtype=rho.dtype)
-        rho = rho.detach()
+            jac = _jacobian(rho, params)
+        rho = rho.detach().to(torch.float64)
         loss0 = float(rho @ rho)
         jtj = jac.T @ jac
         jtr = jac.T @ rho
@@ -945,32 +945,56 @@ class Trainer:
             grids.append((pair, torch.as_tensor(lo + width * np.arange(n_points), dtype=torch.float64)))
         return grids
 
+    def _grid_differences(self, values, order: int, refine: int = 1) -> Optional[tuple]:
+        """``order``-th differences of ``values(pair, r)`` / kT on the smoothing grids, with their Jacobian.
+
+        ``values(pair, r)`` returns u(r) (kJ/mol) of the part of the potential
+        to smooth, or None to skip the pair; the grids (:meth:`_smoothing_grids`)
+        are refined ``refine``-fold, kT is the coldest state's. Returns
+        ``(D, d)``, shapes (K, n_params) and (K,), or None when no pair has
+        more than ``order`` points. Recomputed every step (an analytic prior's
+        σ makes the rows depend on the parameters); one backward pass per row.
+        """
+        from .gradients import _jacobian
+
+        params = self._trainable()
+        kT = min(float(s.kT) for s in self.states)
+        rows, differences = [], []
+        for pair, r in self._smoothing_grids():
+            if refine > 1 and r.numel() > 1:
+                r = torch.linspace(float(r[0]), float(r[-1]), refine * (r.numel() - 1) + 1, dtype=torch.float64)
+            if r.numel() <= order:  # a wall at the cutoff: nothing to smooth
+                continue
+            with torch.enable_grad():
+                u = values(pair, r)
+                if u is None:
+                    continue
+                d = torch.diff(u.to(torch.float64) / kT, n=order)
+                rows.append(_jacobian(d, params))
+            differences.append(d.detach())
+        if not rows:
+            return None
+        return torch.cat(rows), torch.cat(differences)
+
     def _curvature_matrix(self) -> torch.Tensor:
         """``Σ (D₂B)ᵀ(D₂B)``: squared second differences of δu/kT per unit parameter step.
 
-        ``B`` is the Jacobian of u(r)/kT (kT of the coldest state) on each
-        target pair's smoothing grid (:meth:`_smoothing_grids`); ``D₂`` takes
-        second differences along it. Recomputed every step
-        (an analytic prior's σ makes it depend on the parameters); it costs one
-        backward pass per grid point of a small table (0.09 s for the demo's).
+        ``B`` is the Jacobian of u(r)/kT on each target pair's smoothing grid
+        (:meth:`_smoothing_grids`); ``D₂`` takes second differences along it
+        (0.09 s for the demo's table).
         """
-        from .gradients import _flat_gradient
 
-        params = self._trainable()
-        n_params = sum(p.numel() for p in params)
-        kT = min(float(s.kT) for s in self.states)
-        matrix = torch.zeros(n_params, n_params, dtype=torch.float64)
-        for pair, r in self._smoothing_grids():
-            if r.numel() < 3:  # a wall at the cutoff: nothing to smooth
-                continue
-            pair_type = torch.full_like(r, self.table.pair_index(pair), dtype=torch.long)
-            with torch.enable_grad():
-                u = self.table.energy_and_derivative(r, pair_type)[0] / kT
-                curvature = u[2:] - 2.0 * u[1:-1] + u[:-2]
-                rows = [_flat_gradient(curvature[k], params) for k in range(curvature.shape[0])]
-            d2b = torch.stack(rows).detach().to(torch.float64)
-            matrix = matrix + d2b.T @ d2b
-        return matrix
+        def total(pair, r):
+            return self.table.energy_and_derivative(
+                r, torch.full_like(r, self.table.pair_index(pair), dtype=torch.long)
+            )[0]
+
+        found = self._grid_differences(total, order=2)
+        if found is None:
+            n_params = sum(p.numel() for p in self._trainable())
+            return torch.zeros(n_params, n_params, dtype=torch.float64)
+        d2b = found[0]
+        return d2b.T @ d2b
 
     def _correction_roughness(self) -> Optional[tuple]:
         """Fourth differences ``w`` of the learned corrections' u(r)/kT and their Jacobian ``W``.
@@ -979,29 +1003,17 @@ class Trainer:
         terms of each pair's potential (all of it if it is one such term); an
         analytic prior (soft sphere, ...) is left out, so it is free to carry
         the steep wall while the correction stays smooth. Taken on
-        :meth:`_smoothing_grids` refined twofold. Returns ``(W, w)``, shapes
-        (K, n_params) and (K,), or None when no pair has a correction.
+        :meth:`_smoothing_grids` refined twofold: on bin centres alone, an
+        alternation of knots spaced like the bins would fall between the
+        points. Returns ``(W, w)``, shapes (K, n_params) and (K,), or None when
+        no pair has a correction.
         """
-        from .gradients import _flat_gradient
 
-        params = self._trainable()
-        kT = min(float(s.kT) for s in self.states)
-        rows, values = [], []
-        for pair, r in self._smoothing_grids():
+        def corrections(pair, r):
             terms = _correction_terms(self.table.pair_potentials[self.table.pair_index(pair)])
-            if not terms or r.numel() < 3:
-                continue
-            # Twice as fine as the targets' grid: on bin centres alone, an
-            # alternation of knots spaced like the bins would fall between them.
-            r = torch.linspace(float(r[0]), float(r[-1]), 2 * r.numel() - 1, dtype=torch.float64)
-            with torch.enable_grad():
-                u = sum(term.energy_and_derivative(r)[0] for term in terms) / kT
-                fourth = u[4:] - 4.0 * u[3:-1] + 6.0 * u[2:-2] - 4.0 * u[1:-3] + u[:-4]
-                rows += [_flat_gradient(fourth[k], params) for k in range(fourth.shape[0])]
-            values.append(fourth.detach())
-        if not rows:
-            return None
-        return torch.stack(rows).detach().to(torch.float64), torch.cat(values)
+            return sum(term.energy_and_derivative(r)[0] for term in terms) if terms else None
+
+        return self._grid_differences(corrections, order=4, refine=2)
 
     def _smoothing_penalty(self, curvature_of_loss: torch.Tensor) -> Optional[torch.Tensor]:
         """``imc_smoothing`` × the curvature matrix, scaled to the trace of ``JᵀJ`` (or the metric); None when off."""

@@ -555,3 +555,8 @@ def test_rollout_score_correction_adds_the_boltzmann_part_and_meets_reweighting_
     assert float(score.norm()) > 0.5 * float(reweighted.norm())  # the score is not a small correction here
     with pytest.raises(ValueError, match="n_replicas >= 2"):
         RolloutEstimator(n_replicas=1, score_correction=True)
+    # Fewer snapshots than two replicas need: a clear error, not a 0/0 covariance.
+    with pytest.raises(ValueError, match="at least 2 snapshots"):
+        RolloutEstimator(**short, score_correction=True)(lj_table(), state, snapshots[:1], targets)
+    with pytest.raises(TypeError, match="score_correction"):
+        RolloutEstimator(score_correction="yes")

@@ -95,6 +95,7 @@ METHODS = (
     "imc-smooth",
     "imc-steady",
     "imc-trust",
+    "imc-counting",
     "ibi",
 )
 
@@ -164,6 +165,10 @@ METHOD_SETTINGS["imc-steady"] = dict(METHOD_SETTINGS["imc-smooth"], imc_damping=
 # imc-smooth that undoes a step after which the fresh sample's loss doubled
 # (an overshoot near a phase boundary) and retakes it with half the cap.
 METHOD_SETTINGS["imc-trust"] = dict(METHOD_SETTINGS["imc-smooth"], imc_reject_factor=2.0)
+# imc-steady with the RDF loss weighted by the inverse variance of pair counting
+# (targets.counting_weights): the wall bins, tens of times less noisy than the
+# first peak, count accordingly (the demo's default, docs/training.md).
+METHOD_SETTINGS["imc-counting"] = dict(METHOD_SETTINGS["imc-steady"], estimator_options=dict(bin_weighting="counting"))
 
 
 # -- cases ---------------------------------------------------------------------------------------------------

@@ -514,6 +514,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         pressure_weight=getattr(args, "pressure_weight", None),
         energy_weight=getattr(args, "energy_weight", None),
         optimizer=getattr(args, "optimizer", None),
+        final_snapshots=getattr(args, "final_snapshots", None),
     )
     print(f"demo results in {args.output}")
     return 0
@@ -625,6 +626,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--energy-weight", type=float, metavar="W", help="weight of the energy term, (kJ/mol)^-2 (0 turns it off)"
+    )
+    p.add_argument(
+        "--final-snapshots",
+        type=int,
+        metavar="N",
+        help="imc: snapshots per step for the last steps, once the RDF error nears its noise (default 200; "
+        "more: a steadier u(r) for ~50 MD steps per snapshot)",
     )
     p.set_defaults(func=_cmd_demo)
     return parser

@@ -827,6 +827,14 @@ def _estimator_options(section: Optional[_Section], method: str) -> Dict[str, An
     for name in ("smearing", "timestep"):
         if name in options:
             _check_number(section.key(name), options[name], positive=True)
+    if "bin_weighting" in options:
+        from .targets import BIN_WEIGHTINGS
+
+        if options["bin_weighting"] not in BIN_WEIGHTINGS:
+            raise ConfigError(
+                f"{section.key('bin_weighting')}: must be one of {', '.join(BIN_WEIGHTINGS)}, "
+                f"got {options['bin_weighting']!r}"
+            )
     return options
 
 

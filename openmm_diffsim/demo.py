@@ -18,6 +18,7 @@ sees the true potential. At the end the demo
 
 from __future__ import annotations
 
+import functools
 import json
 import time
 from pathlib import Path
@@ -61,14 +62,21 @@ RDF_GRID = dict(r_range=(0.0, 1.0), n_bins=100, smearing=0.01)
 # -4.9918 ± 0.0015.
 TARGET_PRESSURE = 602.0
 TARGET_ENERGY = -4.9918
+# Per-bin weights of the RDF loss: the inverse variance of pair counting
+# (targets.counting_weights). The plain mean squared error weights the first
+# peak, the noisiest bins, as much as the repulsive wall, which is 3-5x less
+# noisy; a fit that matched the RDF to its noise with it still missed the wall
+# bins at 0.285-0.305 nm by 5-60 standard errors (docs/training.md).
+BIN_WEIGHTING = "counting"
 # Default weights of (P - P_target)^2 (bar^-2) and (U/N - U_target)^2
-# ((kJ/mol)^-2) next to the RDF mean squared error: the RDF's per-bin variance
-# of a 100-200 frame sample (~0.006^2) over 100 bins, divided by the variance
-# of each estimate (~15 bar, ~0.007 kJ/mol), so each term counts like the RDF.
-# In this dense liquid g(r) barely sees smooth changes of u(r) across the first
-# shells; the pressure and the energy see them (docs/training.md).
-PRESSURE_WEIGHT = 2e-9
-ENERGY_WEIGHT = 0.01
+# ((kJ/mol)^-2) next to the RDF loss: the RDF's per-bin variance of a 100-200
+# frame sample (~0.006^2 unweighted; the counting weights make the loss of pure
+# noise 0.59x that) divided by the variance of each estimate (~15 bar, ~0.007
+# kJ/mol), so each term counts like the RDF. In this dense liquid g(r) barely
+# sees smooth changes of u(r) across the first shells; the pressure and the
+# energy see them (docs/training.md).
+PRESSURE_WEIGHT = 1.2e-9
+ENERGY_WEIGHT = 0.006
 # Target protocol per seed: frames, MD steps between frames, equilibration steps.
 TARGET_PROTOCOL = dict(n_snapshots=200, interval=50, equilibration=5000)
 # MD time step (ps) of every simulation in the demo: 0.0047 τ (τ = σ sqrt(m/ε) =
@@ -285,6 +293,7 @@ def run_demo(
     pressure_weight: Optional[float] = None,
     optimizer: Optional[str] = None,
     energy_weight: Optional[float] = None,
+    final_snapshots: Optional[int] = None,
 ) -> Dict[str, Any]:
     """Learn the argon potential from the shipped RDF and report its accuracy.
 
@@ -317,6 +326,12 @@ def run_demo(
         mean pair energy per particle, :data:`TARGET_ENERGY`; default
         :data:`ENERGY_WEIGHT`, 0 turns it off (with ``pressure_weight=0`` the
         fit sees the RDF alone).
+    final_snapshots : int, optional
+        ``optimizer="imc"``: snapshots per step once the RDF error nears the
+        noise (the last :data:`IMC_LARGE_STEPS` steps at most); default
+        ``IMC_SNAPSHOTS[1]`` (200). More make the learned u(r) steadier along
+        the directions g(r) hardly sees, at ~50 MD steps per snapshot
+        (docs/training.md: 400 takes ~30 000 more MD steps).
 
     Returns
     -------
@@ -331,13 +346,19 @@ def run_demo(
     start = time.perf_counter()
     target = read_target(demo_target_path(), pair=("Ar", "Ar"), state="argon-liquid")
     settings = _demo_settings(estimator, quick, max_epochs, platform, pressure_weight, optimizer, energy_weight)
+    if final_snapshots is not None:
+        if settings["optimizer"] != "imc":
+            raise ValueError(f"final_snapshots applies to optimizer='imc' only, not {settings['optimizer']!r}")
+        if isinstance(final_snapshots, bool) or int(final_snapshots) != final_snapshots or final_snapshots < 1:
+            raise ValueError(f"final_snapshots must be a positive integer, got {final_snapshots!r}")
+    final = IMC_SNAPSHOTS[1] if final_snapshots is None else int(final_snapshots)
     if resume and (output_dir / CHECKPOINT_NAME).exists():
         print(f"resuming from {output_dir / CHECKPOINT_NAME}")
         trainer = Trainer.resume(output_dir, max_epochs=settings["max_epochs"])
     else:
         trainer = Trainer(demo_potential(), [demo_state([target])], estimator, output_dir=output_dir, **settings)
     if trainer.options["optimizer"] == "imc" and not quick:
-        trainer.callbacks.append(_grow_samples)
+        trainer.callbacks.append(functools.partial(_grow_samples, final=final))
     print(
         f"openmm-diffsim demo: learning an argon-like LJ potential (sigma={TRUE_SIGMA} nm, "
         f"epsilon={TRUE_EPSILON} kJ/mol) from its RDF at T={TEMPERATURE:g} K, rho*={REDUCED_DENSITY}, "
@@ -403,23 +424,19 @@ def run_demo(
 
 # Inverse Monte Carlo: sample size once the RDF error is down to this loss.
 IMC_SNAPSHOTS = (100, 200)
-IMC_SWITCH_LOSS = 4e-4
+IMC_SWITCH_LOSS = 2.4e-4
 # At most this many steps take the large sample, which bounds the demo's cost
 # (~68 000 MD steps, under 10 minutes on 2 CPU cores) wherever the switch comes.
 IMC_LARGE_STEPS = 3
 
 
-def _grow_samples(trainer, record) -> None:
-    """Double the IMC sample once the RDF error nears the noise of the small sample (for the last steps only)."""
+def _grow_samples(trainer, record, final: int = IMC_SNAPSHOTS[1]) -> None:
+    """Grow the IMC sample to ``final`` once the RDF error nears the noise of the small sample (last steps only)."""
     remaining = trainer.options["max_epochs"] - (record["epoch"] + 1)
-    if (
-        record["loss"] < IMC_SWITCH_LOSS
-        and remaining <= IMC_LARGE_STEPS
-        and trainer.options["n_snapshots"] < IMC_SNAPSHOTS[1]
-    ):
-        trainer.options["n_snapshots"] = IMC_SNAPSHOTS[1]
+    if record["loss"] < IMC_SWITCH_LOSS and remaining <= IMC_LARGE_STEPS and trainer.options["n_snapshots"] != final:
+        trainer.options["n_snapshots"] = final
         if trainer.options["progress"]:
-            print(f"  RDF error near the sampling noise: {IMC_SNAPSHOTS[1]} snapshots per step from now on")
+            print(f"  RDF error near the sampling noise: {final} snapshots per step from now on")
 
 
 # optimizer="natural": the largest change of u(r) of the first step (kT, decaying
@@ -453,7 +470,9 @@ def _demo_settings(
         snapshot_interval=50,
         equilibration_steps=2000,
         sampler_options=sampler_options,
-        estimator_options=dict(RDF_GRID, pressure_weight=pressure_weight, energy_weight=energy_weight),
+        estimator_options=dict(
+            RDF_GRID, pressure_weight=pressure_weight, energy_weight=energy_weight, bin_weighting=BIN_WEIGHTING
+        ),
         plot_every=50,
         seed=0,
         # The spline correction starts at the Boltzmann inversion of the target

@@ -151,7 +151,19 @@ def _particle_species(table: PairTable, state) -> np.ndarray:
     return species_indices(table, state.particle_species_names())
 
 
-def _prepare_targets(table: PairTable, targets, r: np.ndarray, outside: str) -> List[_PreparedTarget]:
+def _check_bin_weighting(bin_weighting: str) -> str:
+    from .targets import BIN_WEIGHTINGS
+
+    if bin_weighting not in BIN_WEIGHTINGS:
+        raise ValueError(f"bin_weighting must be one of {BIN_WEIGHTINGS}, got {bin_weighting!r}")
+    return bin_weighting
+
+
+def _prepare_targets(
+    table: PairTable, targets, r: np.ndarray, outside: str, bin_weighting: str = "uniform"
+) -> List[_PreparedTarget]:
+    from .targets import counting_weights
+
     targets = list(targets)
     if not targets:
         raise ValueError("no targets given: the RDF loss needs at least one Target")
@@ -164,6 +176,8 @@ def _prepare_targets(table: PairTable, targets, r: np.ndarray, outside: str) -> 
         row = table.pair_index(tuple(target.pair))
         if np.asarray(target.r).shape != r.shape or not np.allclose(target.r, r, rtol=0.0, atol=1e-9):
             target = target.resample(r, outside=outside)
+        if bin_weighting == "counting" and target.weights is None:
+            target = counting_weights(target)
         key = f"{target.pair[0]}-{target.pair[1]}"
         if key in seen:
             seen[key] += 1
@@ -284,6 +298,12 @@ class ReweightingEstimator:
         Largest allowed ``|U_hist - U_exact| / kT`` for ``auto``.
     target_outside : str
         ``outside`` argument of :meth:`Target.resample` for off-grid targets.
+    bin_weighting : {"uniform", "counting"}
+        Per-bin weights of the RDF loss for targets that carry none:
+        ``"uniform"`` (the mean squared error) or ``"counting"``, the inverse
+        variance of pair counting, w ∝ r² / max(g, 0.05)
+        (:func:`~openmm_diffsim.targets.counting_weights`), which weights the
+        repulsive wall by its small noise rather than its small g.
     on_nonfinite : {"reject", "raise"}
         What to do with non-finite weights, losses or gradients.
 
@@ -317,6 +337,7 @@ class ReweightingEstimator:
         energy_tolerance: float = 1e-3,
         target_outside: str = "error",
         on_nonfinite: str = "reject",
+        bin_weighting: str = "uniform",
     ):
         self.r_range, self.n_bins, self.smearing = _check_grid(r_range, n_bins, smearing)
         if not 0.0 <= float(n_eff_threshold) <= 1.0:
@@ -336,6 +357,7 @@ class ReweightingEstimator:
         self.energy_tolerance = float(energy_tolerance)
         self.target_outside = target_outside
         self.on_nonfinite = _check_on_nonfinite(on_nonfinite)
+        self.bin_weighting = _check_bin_weighting(bin_weighting)
         edges = rdf_bin_edges(self.r_range, self.n_bins)
         self.r = (0.5 * (edges[1:] + edges[:-1])).numpy()
         self._snapshots = None
@@ -493,7 +515,7 @@ class ReweightingEstimator:
         if snapshots is not self._snapshots or table is not self._table:
             self.reset(table, snapshots, state)
         beta = float(state.beta)
-        targets_prepared = _prepare_targets(table, targets, self.r, self.target_outside)
+        targets_prepared = _prepare_targets(table, targets, self.r, self.target_outside, self.bin_weighting)
         rows = [t.row for t in targets_prepared]
         parameters = [p for p in table.parameters() if p.requires_grad]
         self._check_thermodynamic_targets(state)
@@ -562,7 +584,7 @@ class ReweightingEstimator:
         if self._snapshots is None:
             raise RuntimeError("call reset(table, snapshots) or the estimator first")
         beta = float(state.beta)
-        targets_prepared = _prepare_targets(table, targets, self.r, self.target_outside)
+        targets_prepared = _prepare_targets(table, targets, self.r, self.target_outside, self.bin_weighting)
         rows = [t.row for t in targets_prepared]
         self._check_thermodynamic_targets(state)
         scale = float(state.weight) * float(loss_weight)
@@ -784,6 +806,12 @@ class RolloutEstimator:
         Weight of ``(⟨U⟩/N - state.energy)^2`` ((kJ/mol)^2) in the loss; 0 disables it.
     target_outside : str
         ``outside`` argument of :meth:`Target.resample` for off-grid targets.
+    bin_weighting : {"uniform", "counting"}
+        Per-bin weights of the RDF loss for targets that carry none:
+        ``"uniform"`` (the mean squared error) or ``"counting"``, the inverse
+        variance of pair counting, w ∝ r² / max(g, 0.05)
+        (:func:`~openmm_diffsim.targets.counting_weights`), which weights the
+        repulsive wall by its small noise rather than its small g.
     on_nonfinite : {"reject", "raise"}
         Non-finite forces, loss or gradients: report a rejected estimate, or raise
         :class:`NonFiniteError`.
@@ -821,6 +849,7 @@ class RolloutEstimator:
         target_outside: str = "error",
         on_nonfinite: str = "reject",
         score_correction: bool = False,
+        bin_weighting: str = "uniform",
     ):
         if int(n_steps) != n_steps or n_steps < 1:
             raise ValueError(f"n_steps must be a positive integer, got {n_steps}")
@@ -850,6 +879,7 @@ class RolloutEstimator:
         self.energy_weight = float(energy_weight)
         self.target_outside = target_outside
         self.on_nonfinite = _check_on_nonfinite(on_nonfinite)
+        self.bin_weighting = _check_bin_weighting(bin_weighting)
         if not isinstance(score_correction, bool):
             raise TypeError(f"score_correction must be True or False, got {score_correction!r}")
         if score_correction and self.n_replicas < 2:
@@ -903,7 +933,7 @@ class RolloutEstimator:
             raise ValueError(f"pressure_weight > 0 but state {state.name!r} has no target pressure")
         if use_energy and getattr(state, "energy", None) is None:
             raise ValueError(f"energy_weight > 0 but state {state.name!r} has no target energy")
-        targets_prepared = _prepare_targets(table, targets, self.r, self.target_outside)
+        targets_prepared = _prepare_targets(table, targets, self.r, self.target_outside, self.bin_weighting)
         rows = [t.row for t in targets_prepared]
         chosen = self._choose(len(snapshots.positions))
         if self.score_correction and len(chosen) < 2:

@@ -393,14 +393,31 @@ def test_demo_grows_the_imc_sample_only_for_its_last_steps():
 
     from openmm_diffsim import demo
 
-    def trainer_after(done, loss):
+    def trainer_after(done, loss, **final):
         trainer = SimpleNamespace(options={"max_epochs": 10, "n_snapshots": 100, "progress": False})
-        demo._grow_samples(trainer, {"epoch": done - 1, "loss": loss})
+        demo._grow_samples(trainer, {"epoch": done - 1, "loss": loss}, **final)
         return trainer.options["n_snapshots"]
 
     assert trainer_after(3, 1e-5) == 100  # converged early: still the small sample (bounded cost)
     assert trainer_after(7, 1e-5) == 200  # the last three steps take the large sample
     assert trainer_after(8, 1e-2) == 100  # far from the target: no growth
+    assert trainer_after(7, 1e-5, final=400) == 400  # --final-snapshots
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        (dict(final_snapshots=0), "final_snapshots must be a positive integer"),
+        (dict(final_snapshots=2.5), "final_snapshots must be a positive integer"),
+        (dict(final_snapshots=400, optimizer="adam"), "final_snapshots applies to optimizer='imc' only"),
+    ],
+)
+def test_demo_refuses_a_bad_final_sample_size(tmp_path, options, message):
+    from openmm_diffsim import demo
+
+    with pytest.raises(ValueError, match=message):
+        demo.run_demo(tmp_path / "demo", quick=True, **options)
+    assert not (tmp_path / "demo").exists()  # refused before anything ran or was written
 
 
 def test_make_demo_target_writes_the_rdf_and_reports_pressure_and_energy(tmp_path, monkeypatch):

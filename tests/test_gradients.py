@@ -235,6 +235,38 @@ def test_dilute_limit_matches_analytic_derivative_of_boltzmann_factor():
         assert got == pytest.approx(expected, rel=1e-2), name
 
 
+def test_counting_bin_weighting_equals_explicit_counting_weights(lj_samples):
+    """bin_weighting="counting" is the loss of the same target carrying counting_weights;
+    a target with weights of its own keeps them; both estimators accept the option."""
+    from openmm_diffsim.targets import counting_weights
+
+    state, snapshots = lj_samples
+    r = bin_centres()
+    plain = Target(r, np.where(r > SIGMA, 1.1 + 0.3 * np.sin(10 * r), 0.0), pair=("Ar", "Ar"))
+    own = Target(plain.r, plain.g, pair=("Ar", "Ar"), weights=np.linspace(1.0, 2.0, r.size))
+    results = {}
+    for key, weighting, target in (
+        ("option", "counting", plain),
+        ("explicit", "uniform", counting_weights(plain)),
+        ("uniform", "uniform", plain),
+        ("own+option", "counting", own),
+        ("own", "uniform", own),
+    ):
+        table = lj_table(sigma=0.345)
+        estimator = ReweightingEstimator(**GRID, bin_weighting=weighting)
+        estimator.reset(lj_table(), snapshots, state)
+        result = estimator(table, state, snapshots, [target])
+        results[key] = (result.loss, torch.stack([p.grad.clone() for p in table.parameters()]))
+    assert results["option"][0] == pytest.approx(results["explicit"][0], rel=1e-12)
+    torch.testing.assert_close(results["option"][1], results["explicit"][1], rtol=1e-10, atol=0)
+    assert results["option"][0] != pytest.approx(results["uniform"][0], rel=0.05)
+    assert results["own+option"][0] == pytest.approx(results["own"][0], rel=1e-12)
+    assert RolloutEstimator(bin_weighting="counting", **GRID).bin_weighting == "counting"
+    for cls in (ReweightingEstimator, RolloutEstimator):
+        with pytest.raises(ValueError, match="bin_weighting"):
+            cls(bin_weighting="poisson")
+
+
 def test_rollout_estimator_adjoint_equals_backprop_and_accumulates(lj_samples):
     state, snapshots = lj_samples
     targets = [flat_target(1.1)]

@@ -10,6 +10,7 @@ import torch
 from openmm_diffsim.observables import compute_rdf
 from openmm_diffsim.targets import (
     Target,
+    counting_weights,
     read_target,
     read_targets_npz,
     target_from_trajectory,
@@ -228,3 +229,44 @@ def test_target_from_trajectory_smeared_uses_the_model_estimator():
     np.testing.assert_allclose(target.g, g.numpy(), rtol=1e-12, atol=1e-12)
     with pytest.raises(ValueError, match="matches no atoms"):
         target_from_trajectory(traj, pair=("Ne", "Ne"))
+
+
+# -- counting weights ------------------------------------------------------------------
+
+
+def test_counting_weights_are_the_inverse_variance_of_a_sampled_rdf():
+    """Dilute gas (analytic limit g = exp(-u/kT)): the per-bin variance of g estimated
+    from independent frames of pair counts is ∝ g / r², so variance × weight is flat."""
+    rng = np.random.default_rng(3)
+    edges = np.linspace(0.0, 1.0, 51)
+    r = 0.5 * (edges[1:] + edges[:-1])
+    shell = edges[1:] ** 3 - edges[:-1] ** 3  # ∝ ideal-gas counts per bin
+    g = np.exp(-((0.3 / r) ** 12))  # a soft wall: g from ~0 to 1
+    mean_counts = 400.0 * shell / shell.sum() * g  # expected pair counts per frame
+    frames = rng.poisson(mean_counts, size=(4000, r.size)) / (400.0 * shell / shell.sum())
+    variance = frames.var(axis=0, ddof=1)
+    np.testing.assert_allclose(frames.mean(0)[r > 0.3], g[r > 0.3], rtol=0.1)
+    target = counting_weights(Target(r, g), g_floor=0.05)
+    product = (variance * target.weights)[g > 0.05]
+    # Flat to the variance's sampling error (~2 % per bin from 4000 frames), while the
+    # variance itself varies sevenfold over these bins.
+    assert variance[g > 0.05].max() / variance[g > 0.05].min() > 5
+    assert product.std() / product.mean() < 0.08
+    # Without the g factor (r² alone) it would not be flat.
+    r2 = (variance * r**2)[g > 0.05]
+    assert r2.std() / r2.mean() > 0.1
+
+
+def test_counting_weights_floor_mean_and_errors():
+    target = Target(R, G, pair="A-B", state="s", weights=np.ones_like(R))
+    weighted = counting_weights(target, g_floor=0.9)
+    expected = R**2 / np.maximum(G, 0.9)
+    np.testing.assert_allclose(weighted.weights, expected / expected.mean())
+    assert weighted.weights.mean() == pytest.approx(1.0)
+    assert weighted.pair == ("A", "B") and weighted.state == "s"
+    np.testing.assert_array_equal(target.weights, np.ones_like(R))  # the original is untouched
+    core = Target(np.linspace(0.0, 1.0, 11), np.r_[np.zeros(4), np.ones(7)])
+    assert counting_weights(core).weights[0] == 0.0 and np.all(np.isfinite(counting_weights(core).weights))
+    for bad in (0.0, -1.0, float("nan")):
+        with pytest.raises(ValueError, match="g_floor"):
+            counting_weights(target, g_floor=bad)

@@ -53,6 +53,7 @@ from .observables import (
     rdf_loss,
 )
 from .potentials import PairTable
+from .targets import BIN_WEIGHTINGS, counting_weights
 
 __all__ = [
     "EstimatorResult",
@@ -152,8 +153,6 @@ def _particle_species(table: PairTable, state) -> np.ndarray:
 
 
 def _check_bin_weighting(bin_weighting: str) -> str:
-    from .targets import BIN_WEIGHTINGS
-
     if bin_weighting not in BIN_WEIGHTINGS:
         raise ValueError(f"bin_weighting must be one of {BIN_WEIGHTINGS}, got {bin_weighting!r}")
     return bin_weighting
@@ -162,8 +161,6 @@ def _check_bin_weighting(bin_weighting: str) -> str:
 def _prepare_targets(
     table: PairTable, targets, r: np.ndarray, outside: str, bin_weighting: str = "uniform"
 ) -> List[_PreparedTarget]:
-    from .targets import counting_weights
-
     targets = list(targets)
     if not targets:
         raise ValueError("no targets given: the RDF loss needs at least one Target")
@@ -807,11 +804,7 @@ class RolloutEstimator:
     target_outside : str
         ``outside`` argument of :meth:`Target.resample` for off-grid targets.
     bin_weighting : {"uniform", "counting"}
-        Per-bin weights of the RDF loss for targets that carry none:
-        ``"uniform"`` (the mean squared error) or ``"counting"``, the inverse
-        variance of pair counting, w ∝ r² / max(g, 0.05)
-        (:func:`~openmm_diffsim.targets.counting_weights`), which weights the
-        repulsive wall by its small noise rather than its small g.
+        Per-bin weights of the RDF loss, as in :class:`ReweightingEstimator`.
     on_nonfinite : {"reject", "raise"}
         Non-finite forces, loss or gradients: report a rejected estimate, or raise
         :class:`NonFiniteError`.

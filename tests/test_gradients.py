@@ -261,7 +261,14 @@ def test_counting_bin_weighting_equals_explicit_counting_weights(lj_samples):
     torch.testing.assert_close(results["option"][1], results["explicit"][1], rtol=1e-10, atol=0)
     assert results["option"][0] != pytest.approx(results["uniform"][0], rel=0.05)
     assert results["own+option"][0] == pytest.approx(results["own"][0], rel=1e-12)
-    assert RolloutEstimator(bin_weighting="counting", **GRID).bin_weighting == "counting"
+    rollout_losses = [
+        RolloutEstimator(n_steps=2, record_every=1, n_replicas=2, seed=3, bin_weighting=weighting, **GRID)(
+            lj_table(sigma=0.345), state, snapshots, [target]
+        ).loss
+        for weighting, target in (("counting", plain), ("uniform", counting_weights(plain)), ("uniform", plain))
+    ]
+    assert rollout_losses[0] == pytest.approx(rollout_losses[1], rel=1e-10)
+    assert rollout_losses[0] != pytest.approx(rollout_losses[2], rel=0.05)
     for cls in (ReweightingEstimator, RolloutEstimator):
         with pytest.raises(ValueError, match="bin_weighting"):
             cls(bin_weighting="poisson")

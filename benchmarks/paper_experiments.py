@@ -29,7 +29,9 @@ Methods (``--methods``): ``reweighting``, ``rollout``, ``adjoint`` (the
 sample), ``imc-smooth`` (the same with ``imc_smoothing`` in place of most of
 the damping), ``imc-steady`` (``imc-smooth`` with damping 1e-4), ``imc-trust``
 (``imc-smooth`` that undoes a step after which the loss doubled,
-``imc_reject_factor``) and ``ibi`` (:class:`~openmm_diffsim.ibi.IBI`). Methods not run keep
+``imc_reject_factor``), ``imc-counting`` (``imc-steady`` with counting
+weights), ``imc-pool`` (``imc-counting`` whose steps pool the last samples,
+``imc_pool``) and ``ibi`` (:class:`~openmm_diffsim.ibi.IBI`). Methods not run keep
 their earlier results in ``results.json``. Every method starts from the same
 potential: cubic splines (knots every 0.05σ from where the target first
 exceeds g = 0.01 to the cutoff) set to the Boltzmann inversion of the training
@@ -96,6 +98,7 @@ METHODS = (
     "imc-steady",
     "imc-trust",
     "imc-counting",
+    "imc-pool",
     "ibi",
 )
 
@@ -169,6 +172,10 @@ METHOD_SETTINGS["imc-trust"] = dict(METHOD_SETTINGS["imc-smooth"], imc_reject_fa
 # (targets.counting_weights): the wall bins, tens of times less noisy than the
 # first peak, count accordingly (the demo's default, docs/training.md).
 METHOD_SETTINGS["imc-counting"] = dict(METHOD_SETTINGS["imc-steady"], estimator_options=dict(bin_weighting="counting"))
+# imc-counting whose Newton steps pool the last samples (up to 4) drawn within
+# 0.25 kT of the current u(r): near convergence each step carries the noise of
+# all pooled frames rather than of one sample (docs/training.md).
+METHOD_SETTINGS["imc-pool"] = dict(METHOD_SETTINGS["imc-counting"], imc_pool=4)
 
 
 # -- cases ---------------------------------------------------------------------------------------------------

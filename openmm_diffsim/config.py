@@ -790,6 +790,8 @@ _TRAINING_KEYS = {
     "imc_smoothing": dict(non_negative=True),
     "imc_roughness": dict(non_negative=True),
     "imc_reject_factor": dict(positive=True),
+    "imc_pool": dict(integer=True, positive=True),
+    "imc_pool_radius": dict(positive=True),
     "max_potential_change": dict(positive=True),
     "average_last": dict(integer=True, non_negative=True),
 }
@@ -801,7 +803,7 @@ _SAMPLING_TRAINER_KEYS = {
 }
 # As accepted by openmm_diffsim.sampling.Sampler (not imported here: a config loads without OpenMM).
 _INTEGRATORS = ("langevin", "nose-hoover")
-_BACKENDS = ("auto", "torch", "tabulated", "native")
+_BACKENDS = ("auto", "torch", "tabulated", "native", "expression")
 
 
 def _estimator_options(section: Optional[_Section], method: str) -> Dict[str, Any]:

@@ -32,7 +32,7 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -276,6 +276,17 @@ class Trainer:
         the undone step made; after a step that is kept, the cap grows 1.5×
         back towards ``max_potential_change``.
         None (default): every step is kept.
+    imc_pool : int
+        ``optimizer="imc"``: pool the residuals and Jacobians of up to this
+        many recent samples into each Newton step (a linear model fitted to
+        all of them, stepping from their mean parameters), instead of using
+        the fresh sample alone; 1 (default) does not pool. Near convergence
+        this gives each step the noise of all pooled frames. See docs/training.md.
+    imc_pool_radius : float
+        ``optimizer="imc"`` with ``imc_pool > 1``: a sample drawn where u(r)
+        differed from the current u(r) by more than this (kT, where a target
+        has g > 0.05) leaves the pool (the linear model no longer holds
+        across such a step). Default 0.25.
     max_potential_change : float
         ``optimizer="imc"``: the largest change of u(r) per step, in kT (of the
         coldest state), where a target has g(r) > 0.05; halved with every
@@ -317,6 +328,8 @@ class Trainer:
         imc_smoothing: float = 0.0,
         imc_roughness: float = 0.0,
         imc_reject_factor: Optional[float] = None,
+        imc_pool: int = 1,
+        imc_pool_radius: float = 0.25,
     ):
         states = check_fit_inputs(table, states, "Trainer")
         if isinstance(estimator, str) and estimator not in ESTIMATORS:
@@ -335,6 +348,10 @@ class Trainer:
             math.isfinite(float(imc_reject_factor)) and float(imc_reject_factor) > 1
         ):
             raise ValueError(f"imc_reject_factor must be a number above 1 (or None), got {imc_reject_factor}")
+        if isinstance(imc_pool, bool) or int(imc_pool) != imc_pool or imc_pool < 1:
+            raise ValueError(f"imc_pool must be a positive integer (1: no pooling), got {imc_pool!r}")
+        if not (math.isfinite(float(imc_pool_radius)) and float(imc_pool_radius) > 0):
+            raise ValueError(f"imc_pool_radius must be a positive number (kT), got {imc_pool_radius}")
         if lr_schedule not in ("constant", "cosine"):
             raise ValueError(f"lr_schedule must be 'constant' or 'cosine', got {lr_schedule!r}")
         for name, value in (("learning_rate", learning_rate),):
@@ -363,6 +380,8 @@ class Trainer:
             imc_smoothing=float(imc_smoothing),
             imc_roughness=float(imc_roughness),
             imc_reject_factor=None if imc_reject_factor is None else float(imc_reject_factor),
+            imc_pool=int(imc_pool),
+            imc_pool_radius=float(imc_pool_radius),
             max_potential_change=float(max_potential_change),
             average_last=int(average_last),
             max_epochs=int(max_epochs),
@@ -414,6 +433,9 @@ class Trainer:
         # optimizer="imc" with imc_reject_factor: the last step taken (parameters
         # before it, its Newton system, loss and cap), to undo it.
         self._imc_last: Optional[Dict[str, Any]] = None
+        # optimizer="imc" with imc_pool > 1: the recent samples' residual rows
+        # (per state), Jacobians and parameters (see _pooled_system).
+        self._imc_pool: List[Dict[str, Any]] = []
         self._build_estimators()
         self.optimizer = self._make_optimizer()
 
@@ -681,11 +703,15 @@ class Trainer:
         mine = {
             "sampler_states": {name: self._sampler_states[name] for name in here if name in self._sampler_states},
             "rollout_calls": {name: self.rollouts[name].calls for name in here if name in self.rollouts},
+            # The IMC pool's entries are alike on every rank but for the residual rows of its own states.
+            "imc_pool_rows": [{name: e["rows"][name] for name in here if name in e["rows"]} for e in self._imc_pool],
         }
         for part in distributed.all_gather_objects(mine):
             self._sampler_states.update(part["sampler_states"])
             for name, calls in part["rollout_calls"].items():
                 self.rollouts[name].calls = calls
+            for entry, rows in zip(self._imc_pool, part["imc_pool_rows"], strict=True):
+                entry["rows"].update(rows)
 
     def _states_here(self) -> List[Any]:
         """The state points this process samples (all of them in one process)."""
@@ -805,22 +831,90 @@ class Trainer:
             offset += n
         return out
 
-    def _residual_jacobian(self):
-        """``JᵀJ``, ``Jᵀρ`` and ``ρ·ρ`` of the reweighted residuals (summed over ranks)."""
+    def _residual_rows(self) -> Dict[str, Tuple[torch.Tensor, torch.Tensor]]:
+        """Per state of this process: its reweighted residuals ρ (detached, float64) and their Jacobian."""
         from .gradients import _jacobian
 
         params = self._trainable()
+        rows = {}
         with torch.enable_grad():
-            rho, _ = self._residuals()
-            jac = _jacobian(rho, params)
-        rho = rho.detach().to(torch.float64)
-        loss0 = float(rho @ rho)
-        jtj = jac.T @ jac
-        jtr = jac.T @ rho
+            for state in self._states_here():
+                rho, _ = self.reweighting[state.name].residuals(self.table, state, state.targets, 1.0)
+                jac = _jacobian(rho, params)
+                rows[state.name] = (rho.detach().to(torch.float64), jac.to(torch.float64))
+        return rows
+
+    def _normal_equations(self, rows: Dict[str, Tuple[torch.Tensor, torch.Tensor]]):
+        """``JᵀJ``, ``Jᵀρ`` and ``ρ·ρ`` of per-state residual rows (summed over states and ranks)."""
+        n_params = sum(p.numel() for p in self._trainable())
+        jtj = torch.zeros(n_params, n_params, dtype=torch.float64)
+        jtr = torch.zeros(n_params, dtype=torch.float64)
+        loss0 = 0.0
+        for rho, jac in rows.values():
+            jtj = jtj + jac.T @ jac
+            jtr = jtr + jac.T @ rho
+            loss0 += float(rho @ rho)
         if self._dist is not None:
             jtj, jtr, loss0 = self._reduce_residual_sums(jtj, jtr, loss0)
             loss0 = float(loss0)
         return jtj, jtr, loss0
+
+    def _residual_jacobian(self):
+        """``JᵀJ``, ``Jᵀρ`` and ``ρ·ρ`` of the reweighted residuals (summed over ranks)."""
+        return self._normal_equations(self._residual_rows())
+
+    def _pooled_system(self, rows) -> Optional[Dict[str, Any]]:
+        """Add this sample to the IMC pool and return the pooled Newton system, or None (nothing to pool).
+
+        A Newton step from one sample of n frames carries that sample's noise
+        twice: in the residual ρ and in the Jacobian J, whose noise inflates
+        ``JᵀJ`` and so shortens the step along the directions the data see
+        weakly. Near convergence the recent samples were drawn at parameters
+        θ_k close to each other, where the linear model ``ρ_k + J (θ - θ_k)``
+        holds for all of them; its least-squares solution over the pool is
+        ``θ = θ̄ - (J̄ᵀJ̄)⁻¹ J̄ᵀ ρ̄``, with θ̄, ρ̄ and J̄ the frame-weighted
+        means of the samples' parameters, residuals and Jacobians. The step is
+        then taken from θ̄ with all pooled frames' noise. Samples drawn where
+        u(r) differed from the current one by more than ``imc_pool_radius`` kT
+        (where a target has g > 0.05) are dropped, so the pool holds only the
+        samples of the last, small steps; at most ``imc_pool`` samples are kept.
+        """
+        size = self.options["imc_pool"]
+        if size < 2:
+            return None
+        u_now = self._potential_on_target_grid()
+        entry = {
+            "parameters": self._flat_parameters(),
+            "u": u_now,
+            "frames": int(self.options["n_snapshots"]),
+            "rows": {name: (rho.clone(), jac.clone()) for name, (rho, jac) in rows.items()},
+        }
+        radius = self.options["imc_pool_radius"]
+
+        def near(old) -> bool:
+            return all(float(np.abs(a - b).max()) <= radius for a, b in zip(old["u"], u_now, strict=True))
+
+        self._imc_pool = [old for old in self._imc_pool if near(old)] + [entry]
+        del self._imc_pool[:-size]
+        if len(self._imc_pool) < 2:
+            return None
+        weights = torch.tensor([float(e["frames"]) for e in self._imc_pool], dtype=torch.float64)
+        weights = weights / weights.sum()
+        theta = sum(w * e["parameters"].to(torch.float64) for w, e in zip(weights, self._imc_pool, strict=True))
+        pooled = {}
+        for name in rows:
+            rho = sum(w * e["rows"][name][0] for w, e in zip(weights, self._imc_pool, strict=True))
+            jac = sum(w * e["rows"][name][1] for w, e in zip(weights, self._imc_pool, strict=True))
+            pooled[name] = (rho, jac)
+        jtj, jtr, loss = self._normal_equations(pooled)
+        return {
+            "parameters": theta,
+            "jtj": jtj,
+            "jtr": jtr,
+            "loss": loss,
+            "samples": len(self._imc_pool),
+            "frames": sum(e["frames"] for e in self._imc_pool),
+        }
 
     def _gauss_newton_step(self) -> Dict[str, Any]:
         """One Levenberg–Marquardt step on the reweighted residuals (inverse Monte Carlo).
@@ -1176,7 +1270,8 @@ class Trainer:
         a fresh loss above that factor times the last one undoes the last
         step first (logged as ``undone``, the cap as ``cap_kT``).
         """
-        jtj, jtr, loss0 = self._residual_jacobian()
+        rows = self._residual_rows() if self.options["imc_pool"] > 1 else None
+        jtj, jtr, loss0 = self._residual_jacobian() if rows is None else self._normal_equations(rows)
         # A rolled-back step halves the learning rate; the IMC step (which has
         # none) shrinks its cap by the same factor, so a retry is not the same step.
         limit = self.options["max_potential_change"] * self.learning_rate / self.options["learning_rate"]
@@ -1192,8 +1287,21 @@ class Trainer:
                 self._set_flat_parameters(last["parameters"])
                 jtj, jtr, loss0 = last["jtj"], last["jtr"], last["loss"]
                 limit, undone = 0.5 * (last.get("moved") or last["limit"]), True
+                # The pooled samples led to the overshoot; start the pool afresh.
+                self._imc_pool = []
             else:
                 limit = min(limit, 1.5 * last["limit"])
+        pool = None if undone or rows is None else self._pooled_system(rows)
+        if pool is not None:
+            start = self._flat_parameters()
+            self._set_flat_parameters(pool["parameters"])
+            if self._has_core_hole(self._wall_grids()):
+                # The mean of the pooled parameters digs a well (u is not linear
+                # in every parameter): step from the current ones, unpooled.
+                self._set_flat_parameters(start)
+                pool = None
+            else:
+                jtj, jtr = pool["jtj"], pool["jtr"]
         if factor is not None:
             self._imc_last = {
                 "parameters": self._flat_parameters().clone(),
@@ -1228,6 +1336,11 @@ class Trainer:
             "damping": damping,
             **({} if roughness is None else {"roughness": roughness}),
             **({} if factor is None else {"undone": undone, "cap_kT": limit}),
+            **(
+                {}
+                if pool is None
+                else {"pooled_samples": pool["samples"], "pooled_frames": pool["frames"], "pooled_loss": pool["loss"]}
+            ),
         }
 
     # -- main loop ----------------------------------------------------------------------
@@ -1476,6 +1589,7 @@ class Trainer:
             "natural_fraction": self._natural_fraction,
             "natural_last_loss": self._natural_last_loss,
             "imc_last": self._imc_last,
+            "imc_pool": self._imc_pool,
             "torch_rng": torch.get_rng_state(),
         }
 
@@ -1553,6 +1667,7 @@ class Trainer:
         trainer._natural_fraction = data.get("natural_fraction")
         trainer._natural_last_loss = data.get("natural_last_loss")
         trainer._imc_last = data.get("imc_last")
+        trainer._imc_pool = list(data.get("imc_pool", []))
         for name, calls in data.get("rollout_calls", {}).items():
             if name in trainer.rollouts:
                 trainer.rollouts[name].calls = int(calls)

@@ -394,3 +394,16 @@ def test_pair_energy_module_rejects_bad_species_and_box():
         module(x, torch.diag(torch.tensor([3.0, 3.0, 1.5], dtype=torch.float64)))
     with pytest.raises(ValueError, match="periodic box"):
         module(x, None)
+
+
+def test_combined_openmm_expressions_keep_shared_definitions_once():
+    from openmm_diffsim.potentials import combine_expressions, split_expression
+
+    knots = np.linspace(0.3, 0.9, 7)
+    a = CubicSpline(knots, np.linspace(1.0, 0.0, 7))
+    b = CubicSpline(knots, np.linspace(0.0, 2.0, 7))
+    main, definitions = split_expression(PotentialSum([a, b, LennardJones(0.3, 1.0)]).openmm_expression())
+    assert len(definitions) == 7  # the knots' intermediates, once
+    assert main.count("select(") == 2 * 7
+    with pytest.raises(ValueError, match="two different OpenMM definitions of 'x'"):
+        combine_expressions(["x+1; x=r", "x; x=2*r"], "({0})+({1})")

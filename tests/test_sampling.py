@@ -95,6 +95,7 @@ def test_backends_agree_with_native_lj(lj_configuration, mode):
     native = _energy_forces(state, table, "native", lj_configuration)
     torch_force = _energy_forces(state, table, "torch", lj_configuration)
     tabulated = _energy_forces(state, table, "tabulated", lj_configuration)
+    expression = _energy_forces(state, table, "expression", lj_configuration)
     assert native[0] < -100  # a dense liquid, not an empty box
     # TorchForce is the model in float64; OpenMM's CPU platform computes nonbonded
     # forces in float32 (|dE|/|E| ~ 2e-8, max|dF| ~ 1e-6 rms|F|). The table is a
@@ -102,6 +103,67 @@ def test_backends_agree_with_native_lj(lj_configuration, mode):
     _assert_same(torch_force, native, 1e-6, 2e-5)
     _assert_same(tabulated, native, 1e-6, 2e-4)
     _assert_same(tabulated, torch_force, 1e-6, 2e-4)
+    # The expression backend is the model's own formula, in OpenMM's float32 kernels.
+    _assert_same(expression, torch_force, 1e-6, 2e-5)
+
+
+def spline_mixture_table(mode="shift"):
+    """Two species whose pairs are closed forms: soft sphere + spline, LJ, spline alone (trainable values)."""
+    knots = np.concatenate([np.arange(0.27, 0.4, 0.01), np.arange(0.44, 0.8, 0.04)])
+    rng = np.random.default_rng(5)
+
+    def spline(scale):
+        return od.CubicSpline(knots, scale * rng.normal(size=knots.size))
+
+    return od.PairTable(
+        ["A", "B"],
+        {
+            ("A", "A"): od.PotentialSum([od.SoftSphere(0.32, 1.0, 12.0), spline(0.3)]),
+            ("A", "B"): od.LennardJones(0.32, 0.9),
+            ("B", "B"): od.PotentialSum([od.SoftSphere(0.30, 1.0, 12.0), spline(0.2), od.LennardJones(0.3, 0.2)]),
+        },
+        cutoff=CUTOFF,
+        cutoff_mode=mode,
+        switch_distance=0.7 if mode == "switch" else None,
+    )
+
+
+@pytest.mark.parametrize("mode", ["truncate", "shift", "switch"])
+def test_expression_force_is_the_table_for_every_pair_type_and_cutoff_convention(mode):
+    """Two particles at distances across the knots, below the first and past the last knot, and past the cutoff."""
+    table = spline_mixture_table(mode)
+    distances = np.array([0.262, 0.27, 0.305, 0.335, 0.5, 0.71, 0.79, 0.81, CUTOFF - 1e-4, CUTOFF + 1e-4])
+    for species, pair in (([2, 0], 0), ([1, 1], 1), ([0, 2], 2)):
+        state = StatePoint("pair", ["A", "B"], species, [40.0, 40.0], 100.0, box=[2.0, 2.0, 2.0])
+        # Reference platform: double precision, so the formula is checked, not float32 rounding.
+        sampler = Sampler(state, table, backend="expression", platform="Reference", positions=np.zeros((2, 3)), seed=0)
+        energies, forces = [], []
+        for r in distances:
+            sampler.set_state(np.array([[0.5, 0.5, 0.5], [0.5 + r, 0.5, 0.5]]))
+            e, f = sampler.energy_and_forces()
+            energies.append(e)
+            forces.append(f[1, 0])
+        u, du = table.evaluate(distances, pair)
+        np.testing.assert_allclose(energies, u, rtol=1e-10, atol=1e-10)
+        np.testing.assert_allclose(forces, -du, rtol=1e-9, atol=1e-8)
+        assert energies[-1] == 0.0 and abs(energies[0]) > 1.0
+
+
+def test_expression_backend_is_the_cpu_default_where_a_closed_form_exists():
+    state = mixture_state()
+    table = spline_mixture_table()
+    sampler = Sampler(state, table, platform="CPU", seed=3)
+    assert sampler.backend == "expression" == DEFAULT_BACKEND["CPU"]
+    sampler.minimize(50)
+    sampler.equilibrate(100)
+    positions = sampler.positions
+    torch_force = _energy_forces(state, table, "torch", positions)
+    # float32 cubics in d = r - r_k: measured max|dF| ~ 2e-5 rms|F| (the tabulated backend's bound is 2e-4).
+    _assert_same(sampler.energy_and_forces(), torch_force, 1e-6, 1e-4)
+    # A neural potential has no closed form: auto falls back to the table, and asking for it is refused.
+    assert Sampler(state, mixture_table(), platform="CPU", seed=3).backend == "tabulated"
+    with pytest.raises(ValueError, match="backend 'expression' needs a closed form.*pair A-A"):
+        Sampler(state, mixture_table(), backend="expression", platform="CPU", seed=3)
 
 
 def test_backends_agree_for_mixture_with_neural_potential():
@@ -155,7 +217,7 @@ def test_tabulated_force_reproduces_table_and_cutoff_convention(mode):
 # -- hand-over -------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("backend", ["tabulated", "torch", "native"])
+@pytest.mark.parametrize("backend", ["tabulated", "torch", "native", "expression"])
 def test_hand_over_equals_fresh_context(backend):
     state = lj_state()
     sampler = Sampler(state, lj_table("switch"), backend=backend, seed=4)
@@ -176,7 +238,8 @@ def test_hand_over_equals_fresh_context(backend):
     assert abs(old.energy_and_forces()[0] - fresh.energy_and_forces()[0]) > 10.0
     assert sampler.last_handover_seconds < 5.0
     # OpenMM 8.6 updates tabulated functions and LJ parameters in a live Context; TorchForce needs a rebuild.
-    assert sampler.last_handover_method == ("rebuild" if backend == "torch" else "in place")
+    # The expression backend bakes the parameters into the formula: a new force.
+    assert sampler.last_handover_method == ("rebuild" if backend in ("torch", "expression") else "in place")
     snapshots = sampler.run(2, 25)
     np.testing.assert_array_equal(snapshots.steps, [75, 100])
     assert sampler.total_steps == 100

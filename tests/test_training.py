@@ -820,3 +820,82 @@ def test_imc_damps_a_step_that_no_length_keeps_out_of_the_core():
     trainer._move_within = lambda step, limit: tried.append(step) or (0.0, 0.0, 30)
     record = trainer._imc_step()
     assert record["step_scale"] == 0.0 and record["damping"] == pytest.approx(1.0) and len(tried) == 5
+
+
+def _linear_model_rows(trainer, matrix, optimum, jacobian_errors):
+    """Replace the sampled residual rows by a linear model ρ(θ) = A (θ - θ*) with a noisy Jacobian per call."""
+    errors = iter(jacobian_errors)
+
+    def rows():
+        theta = trainer._flat_parameters().to(torch.float64)
+        return {"gas": (matrix @ (theta - optimum), matrix + next(errors))}
+
+    trainer._residual_rows = rows
+
+
+def test_imc_pool_steps_from_the_mean_with_the_pooled_jacobian(tmp_path):
+    """Two samples whose Jacobian errors cancel: the pooled step lands on the optimum, a lone step does not."""
+    generator = torch.Generator().manual_seed(0)
+    matrix = torch.randn(6, 2, generator=generator, dtype=torch.float64)
+    error = 0.3 * torch.randn(6, 2, generator=generator, dtype=torch.float64)
+    landed = {}
+    for pool in (1, 2):
+        trainer = quick_trainer(
+            tmp_path / str(pool),
+            optimizer="imc",
+            imc_pool=pool,
+            imc_pool_radius=1e3,
+            imc_damping=1e-12,
+            max_potential_change=1e3,
+            n_snapshots=7,
+        )
+        optimum = trainer._flat_parameters().to(torch.float64) + torch.tensor([0.01, -0.05], dtype=torch.float64)
+        _linear_model_rows(trainer, matrix, optimum, [error, -error])
+        first = trainer._imc_step()
+        second = trainer._imc_step()
+        assert "pooled_samples" not in first  # one sample: nothing to pool
+        landed[pool] = (trainer._flat_parameters().to(torch.float64) - optimum, second)
+    offset, second = landed[2]
+    assert second["pooled_samples"] == 2 and second["pooled_frames"] == 14
+    assert float(offset.abs().max()) < 1e-8
+    # Without the pool, the second step carries its own Jacobian's error.
+    assert float(landed[1][0].abs().max()) > 1e-4
+    assert "pooled_samples" not in landed[1][1]
+
+
+def test_imc_pool_drops_samples_beyond_the_radius_and_keeps_at_most_imc_pool(tmp_path):
+    generator = torch.Generator().manual_seed(1)
+    matrix = torch.randn(6, 2, generator=generator, dtype=torch.float64)
+    errors = [0.1 * torch.randn(6, 2, generator=generator, dtype=torch.float64) for _ in range(4)]
+    trainer = quick_trainer(tmp_path, optimizer="imc", imc_pool=2, imc_pool_radius=1e3, max_potential_change=1e3)
+    optimum = trainer._flat_parameters().to(torch.float64) + torch.tensor([0.002, -0.01], dtype=torch.float64)
+    _linear_model_rows(trainer, matrix, optimum, errors)
+    records = [trainer._imc_step() for _ in range(3)]
+    assert [r.get("pooled_samples") for r in records] == [None, 2, 2]
+    # The pool survives a checkpoint.
+    trainer.save_checkpoint()
+    resumed = Trainer.resume(tmp_path)
+    assert len(resumed._imc_pool) == 2
+    for saved, kept in zip(resumed._imc_pool, trainer._imc_pool, strict=True):
+        torch.testing.assert_close(saved["rows"]["gas"][1], kept["rows"]["gas"][1])
+        torch.testing.assert_close(saved["parameters"], kept["parameters"])
+    # A sample drawn farther than the radius (in u(r), kT) from the current u(r) leaves the pool.
+    trainer.options["imc_pool_radius"] = 1e-9
+    assert "pooled_samples" not in trainer._imc_step()
+    assert len(trainer._imc_pool) == 1
+
+
+def test_imc_pool_runs_in_training_and_bad_values_are_refused(tmp_path):
+    trainer = quick_trainer(
+        tmp_path, optimizer="imc", imc_pool=3, max_epochs=3, n_snapshots=12, max_potential_change=0.02
+    )
+    history = trainer.fit()
+    pooled = [h["imc"].get("pooled_frames") for h in history]
+    assert pooled == [None, 24, 36]
+    assert all(np.isfinite(h["imc"]["pooled_loss"]) for h in history[1:])
+    for value in (0, 1.5, True):
+        with pytest.raises(ValueError, match="imc_pool must be a positive integer"):
+            quick_trainer(optimizer="imc", imc_pool=value)
+    for value in (0.0, float("nan")):
+        with pytest.raises(ValueError, match="imc_pool_radius"):
+            quick_trainer(optimizer="imc", imc_pool=2, imc_pool_radius=value)

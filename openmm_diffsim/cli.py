@@ -631,7 +631,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--final-snapshots",
         type=int,
         metavar="N",
-        help="imc: snapshots per step for the last steps, once the RDF error nears its noise (default 200; "
+        help="imc: snapshots per step for the last steps, once the RDF error nears its noise (default 600; "
         "more: a steadier u(r) for ~50 MD steps per snapshot)",
     )
     p.set_defaults(func=_cmd_demo)

@@ -1074,8 +1074,12 @@ class Trainer:
         """``Σ (D₂B)ᵀ(D₂B)``: squared second differences of δu/kT per unit parameter step.
 
         ``B`` is the Jacobian of u(r)/kT on each target pair's smoothing grid
-        (:meth:`_smoothing_grids`); ``D₂`` takes second differences along it
-        (0.09 s for the demo's table).
+        (:meth:`_smoothing_grids`) refined twofold; ``D₂`` takes second
+        differences along it (0.1 s for the demo's table). On the bin centres
+        alone, a spline whose knots alternate (knots spaced like the bins)
+        vanishes at every point, so that step went unpenalised, and a smeared
+        g(r) does not see it either: noise drove it, knot by knot, to ±0.05-0.1
+        kT in the demo's first shell (docs/training.md, E36, E37).
         """
 
         def total(pair, r):
@@ -1083,7 +1087,7 @@ class Trainer:
                 r, torch.full_like(r, self.table.pair_index(pair), dtype=torch.long)
             )[0]
 
-        found = self._grid_differences(total, order=2)
+        found = self._grid_differences(total, order=2, refine=2)
         if found is None:
             n_params = sum(p.numel() for p in self._trainable())
             return torch.zeros(n_params, n_params, dtype=torch.float64)

@@ -399,7 +399,7 @@ def test_demo_grows_the_imc_sample_only_for_its_last_steps():
         return trainer.options["n_snapshots"]
 
     assert trainer_after(3, 1e-5) == 100  # converged early: still the small sample (bounded cost)
-    assert trainer_after(7, 1e-5) == 200  # the last three steps take the large sample
+    assert trainer_after(7, 1e-5) == 600  # the last three steps take the large sample
     assert trainer_after(8, 1e-2) == 100  # far from the target: no growth
     assert trainer_after(7, 1e-5, final=400) == 400  # --final-snapshots
 

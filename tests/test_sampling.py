@@ -12,6 +12,7 @@ from openmm import app, unit
 import openmm_diffsim as od
 from openmm_diffsim.sampling import (
     DEFAULT_BACKEND,
+    MAX_EXPRESSION_KNOTS,
     Sampler,
     SamplingError,
     Snapshots,
@@ -160,6 +161,13 @@ def test_expression_backend_is_the_cpu_default_where_a_closed_form_exists():
     torch_force = _energy_forces(state, table, "torch", positions)
     # float32 cubics in d = r - r_k: measured max|dF| ~ 2e-5 rms|F| (the tabulated backend's bound is 2e-4).
     _assert_same(sampler.energy_and_forces(), torch_force, 1e-6, 1e-4)
+    # Past MAX_EXPRESSION_KNOTS spline knots the expression is no faster than the table: auto takes the table.
+    knots = np.linspace(0.27, 0.8, MAX_EXPRESSION_KNOTS + 1)
+    many = od.PairTable(["A"], od.CubicSpline(knots, np.exp(-20 * (knots - 0.27))), cutoff=CUTOFF)
+    assert Sampler(lj_state(), lj_table(), platform="CPU", seed=0).backend == "expression"
+    assert Sampler(StatePoint("a", ["A"], [100], [40.0], 150.0, density=18.0), many, platform="CPU").backend == (
+        "tabulated"
+    )
     # A neural potential has no closed form: auto falls back to the table, and asking for it is refused.
     assert Sampler(state, mixture_table(), platform="CPU", seed=3).backend == "tabulated"
     with pytest.raises(ValueError, match="backend 'expression' needs a closed form.*pair A-A"):

@@ -17,10 +17,10 @@ process on the platform the Sampler picks (CPU here). Prints, per N:
 from __future__ import annotations
 
 import argparse
-import time
 
 import numpy as np
 import torch  # before OpenMM: its plugins need libtorch
+from bench_sampling import steps_per_second  # this folder is on sys.path when run as a script
 
 from openmm_diffsim import demo
 from openmm_diffsim.sampling import Sampler
@@ -35,17 +35,6 @@ def demo_model():
         lj = 4 * demo.TRUE_EPSILON * ((demo.TRUE_SIGMA / knots) ** 12 - (demo.TRUE_SIGMA / knots) ** 6)
         spline.values.copy_(torch.as_tensor(lj - float(prior.epsilon) * (float(prior.sigma) / knots) ** 12))
     return table
-
-
-def steps_per_second(sampler: Sampler, steps: int, repeats: int = 3) -> float:
-    """Best of ``repeats`` timings: on a shared machine, the least disturbed one."""
-    sampler.equilibrate(50)  # warm up: JIT, neighbor lists
-    best = 0.0
-    for _ in range(repeats):
-        start = time.perf_counter()
-        sampler.equilibrate(steps)
-        best = max(best, steps / (time.perf_counter() - start))
-    return best
 
 
 def main() -> None:

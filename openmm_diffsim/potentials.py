@@ -352,7 +352,6 @@ class CubicSpline(PairPotential):
         u = u + du * (r - rc)
         return u, du
 
-    @torch.jit.unused
     def openmm_expression(self) -> str:
         """The spline as an exact OpenMM expression: one cubic per interval, chosen by nested ``select``.
 

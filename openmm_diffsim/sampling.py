@@ -51,7 +51,15 @@ from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
 import numpy as np
 import torch
 
-from .potentials import LennardJones, PairTable, combine_expressions, split_expression
+from .potentials import (
+    CubicSpline,
+    LennardJones,
+    PairPotential,
+    PairTable,
+    PotentialSum,
+    combine_expressions,
+    split_expression,
+)
 from .systems import StatePoint
 from .units import to_array, to_float
 
@@ -102,25 +110,27 @@ DEFAULT_BACKEND: Dict[str, str] = {
 }
 
 
-def has_closed_form(table: PairTable) -> bool:
-    """Whether every pair potential of ``table`` has an OpenMM expression (backend ``expression``)."""
-    try:
-        for potential in table.pair_potentials:
-            potential.openmm_expression()
-    except NotImplementedError:
-        return False
-    return True
-
-
-def _check_closed_form(table: PairTable) -> None:
+def _pair_expressions(table: PairTable) -> List[str]:
+    """Each pair type's OpenMM expression, or ValueError naming the first pair that has none."""
+    expressions = []
     for k, potential in enumerate(table.pair_potentials):
         try:
-            potential.openmm_expression()
+            expressions.append(potential.openmm_expression())
         except NotImplementedError as exc:
             raise ValueError(
                 f"backend 'expression' needs a closed form for every pair; pair {table.pair_names[k]}: {exc}. "
                 "Use backend 'tabulated' or 'torch'."
             ) from None
+    return expressions
+
+
+def has_closed_form(table: PairTable) -> bool:
+    """Whether every pair potential of ``table`` has an OpenMM expression (backend ``expression``)."""
+    try:
+        _pair_expressions(table)
+    except ValueError:
+        return False
+    return True
 
 
 #: ``"auto"`` takes the expression backend only for tables with at most this
@@ -131,20 +141,20 @@ def _check_closed_form(table: PairTable) -> None:
 MAX_EXPRESSION_KNOTS = 64
 
 
-def _spline_knots(table: PairTable) -> int:
-    from .potentials import CubicSpline, PotentialSum
-
-    total = 0
-    for potential in table.pair_potentials:
-        terms = potential.terms if isinstance(potential, PotentialSum) else [potential]
-        total += sum(int(term.knots.numel()) for term in terms if isinstance(term, CubicSpline))
-    return total
+def _spline_knots(potential: PairPotential) -> int:
+    """Knots of the cubic splines in ``potential`` (sums searched through)."""
+    if isinstance(potential, PotentialSum):
+        return sum(_spline_knots(term) for term in potential.terms)
+    return int(potential.knots.numel()) if isinstance(potential, CubicSpline) else 0
 
 
 def _auto_backend(platform_name: str, table: PairTable) -> str:
     backend = DEFAULT_BACKEND.get(platform_name, "tabulated")
-    if backend == "expression" and not (has_closed_form(table) and _spline_knots(table) <= MAX_EXPRESSION_KNOTS):
-        return "tabulated"
+    if backend == "expression":
+        # Count knots first: it is cheap, and a long spline is not worth writing out.
+        knots = sum(_spline_knots(potential) for potential in table.pair_potentials)
+        if knots > MAX_EXPRESSION_KNOTS or not has_closed_form(table):
+            return "tabulated"
     return backend
 
 
@@ -491,20 +501,20 @@ def create_expression_force(
     """
     openmm = _openmm()
     rc = table.cutoff
-    terms = []
-    _check_closed_form(table)
-    for potential in table.pair_potentials:
-        expression = potential.openmm_expression()
-        if table.cutoff_mode == "shift":
-            with torch.no_grad():
-                u_cut = float(potential.energy_and_derivative(torch.tensor([rc], dtype=torch.float64))[0][0])
+    terms = _pair_expressions(table)
+    if table.cutoff_mode == "shift":
+        with torch.no_grad():
+            u_cut = table._at_cutoff(torch.zeros(1, dtype=torch.float64)).tolist()
+        for k, expression in enumerate(terms):
             main, definitions = split_expression(expression)
-            expression = "; ".join([f"({main})-({u_cut!r})", *definitions])
-        terms.append(expression)
+            terms[k] = "; ".join([f"({main})-({u_cut[k]!r})", *definitions])
     energy = terms[-1]
-    species = [(a, b) for a in range(len(table.species)) for b in range(a, len(table.species))]
+    # Pair type k from the two species parameters by arithmetic, not a
+    # Discrete2DFunction as in the tabulated force: a tabulated function is a
+    # call out of the compiled code, the cost this backend exists to avoid.
+    type_matrix = table.type_matrix.numpy()
     for k in range(len(terms) - 2, -1, -1):
-        a, b = species[k]
+        a, b = (int(i) for i in np.argwhere(np.triu(type_matrix == k))[0])
         same = f"delta(odiff_species1-{a})*delta(odiff_species2-{b})"
         if a != b:
             same += f"+delta(odiff_species1-{b})*delta(odiff_species2-{a})"
@@ -799,7 +809,7 @@ class Sampler:
         if backend == "native":
             _lj_parameters(table)  # fail early with the reason
         if backend == "expression":
-            _check_closed_form(table)
+            _pair_expressions(table)  # fail early with the reason
         if positions is None:
             positions = state.initial_positions("lattice", min_distance=self._overlap_distance(table), seed=self.seed)
         positions = to_array(positions, "positions", "nanometer")

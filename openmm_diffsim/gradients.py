@@ -48,6 +48,7 @@ from .dynamics import (
 from .neighbors import box_lengths, neighbor_pairs, pair_displacements
 from .observables import (
     BAR_PER_KJ_PER_MOL_NM3,
+    _PartialRDFGrid,
     compute_partial_rdfs,
     rdf_bin_edges,
     rdf_loss,
@@ -404,16 +405,21 @@ class ReweightingEstimator:
         pair_t: List[Tensor] = []
         pair_frame: List[Tensor] = []
         rdfs = []
+        rdf_grid = _PartialRDFGrid(species, len(table.species), self.r_range, self.n_bins, self.smearing)
         with torch.no_grad():
             for s in range(n_frames):
                 x = positions[s]
-                i, j = neighbor_pairs(x, lengths[s], table.cutoff)
+                # One pair search serves the RDFs and the energies.
+                i, j = neighbor_pairs(x, lengths[s], max(table.cutoff, rdf_grid.search_reach(lengths[s : s + 1])))
+                r = torch.sqrt((pair_displacements(x, i, j, lengths[s]) ** 2).sum(1))
+                rdfs.append(rdf_grid.rdfs(r, i, j, lengths[s : s + 1])[1])
+                inside = r < table.cutoff
+                i, j, r = i[inside], j[inside], r[inside]
                 if excluded is not None:
                     # Pairs the force skips (e.g. bonded neighbours) carry no pair energy;
-                    # the RDFs below still count them, as the target's do.
+                    # the RDFs above still count them, as the target's do.
                     keep = ~torch.isin(i * n_particles + j, excluded)
-                    i, j = i[keep], j[keep]
-                r = torch.sqrt((pair_displacements(x, i, j, lengths[s]) ** 2).sum(1))
+                    i, j, r = i[keep], j[keep], r[keep]
                 types = table.pair_types(species[i], species[j])
                 exact[s] = table.energy_and_forces(x, lengths[s], species, i, j, False)[0]
                 if self.energy_method != "histogram":
@@ -427,10 +433,6 @@ class ReweightingEstimator:
                 base = types * n_nodes + node
                 w0[s].index_add_(0, base, 2 * f3 - 3 * f2 + 1).index_add_(0, base + 1, -2 * f3 + 3 * f2)
                 w1[s].index_add_(0, base, h * (f3 - 2 * f2 + f)).index_add_(0, base + 1, h * (f3 - f2))
-                _, g = compute_partial_rdfs(
-                    x, boxes[s], species, len(table.species), self.r_range, self.n_bins, self.smearing
-                )
-                rdfs.append(g)
         active = torch.nonzero((w0 != 0).any(0) | (w1 != 0).any(0)).squeeze(1)
         self._w0 = w0[:, active].contiguous()
         self._w1 = w1[:, active].contiguous()

@@ -170,8 +170,11 @@ def _cell_pairs(positions: Tensor, lengths: Tensor, cutoff: float, n_cells: Tens
 def neighbor_pairs(positions: Tensor, box: Tensor, cutoff: float) -> Tuple[Tensor, Tensor]:
     """All pairs closer than ``cutoff`` under periodic boundaries, in O(N).
 
-    Uses a cell list when the box holds at least three cells of width
-    ``cutoff`` along every axis, and an all-pairs search otherwise.
+    Uses a cell list when the box holds at least four cells of width
+    ``cutoff`` along every axis, and an all-pairs search otherwise: with
+    three per axis the cell list's 14 dense blocks compare more pairs than
+    there are (measured: 256 particles in 27 cells, 11.3 ms against 2.5 ms
+    all-pairs; 500 in 64 cells, 16 against 20 ms).
 
     Parameters
     ----------
@@ -192,7 +195,7 @@ def neighbor_pairs(positions: Tensor, box: Tensor, cutoff: float) -> Tuple[Tenso
         lengths = box_lengths(box.to(positions.dtype))
         positions = positions.detach()
         n_cells = torch.floor(lengths / cutoff).long()
-        if bool((n_cells < 3).any()) or positions.shape[0] < 64:
+        if bool((n_cells < 4).any()) or positions.shape[0] < 64:
             return _all_pairs(positions, lengths, cutoff)
         return _cell_pairs(positions, lengths, cutoff, n_cells)
 

@@ -442,30 +442,58 @@ def compute_partial_rdfs(
     species = _as_species(species, n_particles, positions.device)
     if int(species.max()) >= n_species:
         raise ValueError(f"species indices must lie in 0..{n_species - 1}, got {int(species.max())}")
-    edges = rdf_bin_edges((r_min, r_max), n_bins).to(positions.device)
-
-    type_matrix = torch.zeros(n_species, n_species, dtype=torch.long, device=positions.device)
-    counts_per_species = torch.bincount(species, minlength=n_species).tolist()
-    n_pairs = []
-    k = 0
-    for a in range(n_species):
-        for b in range(a, n_species):
-            type_matrix[a, b] = type_matrix[b, a] = k
-            na, nb = counts_per_species[a], counts_per_species[b]
-            n_pairs.append(na * nb if a != b else na * (na - 1) // 2)
-            k += 1
-    n_types = k
-
+    grid = _PartialRDFGrid(species, n_species, (r_min, r_max), n_bins, smearing)
     if smearing == 0.0:
         positions = positions.detach()  # the plain histogram has no gradient: skip the graph
-    distances, i, j = _frame_distances(positions, lengths, _search_reach(r_max, smearing, lengths))
-    groups = type_matrix[species[i], species[j]]
-    counts = _histogram(distances, groups, n_types, edges, smearing)
-    pair_counts = torch.tensor(n_pairs, dtype=torch.float64, device=positions.device)
-    # Absent pair types: divide by 1 (their counts are zero) instead of 0.
-    norm = torch.clamp(pair_counts, min=1.0).unsqueeze(1) * (1.0 / lengths.prod(1)).sum() * _shell_volumes(edges)
-    r = 0.5 * (edges[1:] + edges[:-1])
-    return r, counts / norm
+    distances, i, j = _frame_distances(positions, lengths, grid.search_reach(lengths))
+    return grid.rdfs(distances, i, j, lengths)
+
+
+class _PartialRDFGrid:
+    """Bins, pair types and pair counts of :func:`compute_partial_rdfs`, separate from the pair search.
+
+    Lets a caller that already searched pairs (the reweighting estimator, which
+    needs them for energies too) build the same RDFs from its distances.
+    """
+
+    def __init__(self, species: Tensor, n_species: int, r_range: Tuple[float, float], n_bins: int, smearing: float):
+        device = species.device
+        self.species = species
+        self.smearing = smearing
+        self.r_max = float(r_range[1])
+        self.edges = rdf_bin_edges(r_range, n_bins).to(device)
+        self.type_matrix = torch.zeros(n_species, n_species, dtype=torch.long, device=device)
+        counts_per_species = torch.bincount(species, minlength=n_species).tolist()
+        n_pairs = []
+        k = 0
+        for a in range(n_species):
+            for b in range(a, n_species):
+                self.type_matrix[a, b] = self.type_matrix[b, a] = k
+                na, nb = counts_per_species[a], counts_per_species[b]
+                n_pairs.append(na * nb if a != b else na * (na - 1) // 2)
+                k += 1
+        self.n_types = k
+        self.pair_counts = torch.tensor(n_pairs, dtype=torch.float64, device=device)
+
+    def search_reach(self, lengths: Tensor) -> float:
+        """How far (nm) a pair search must reach for these RDFs."""
+        return _search_reach(self.r_max, self.smearing, lengths)
+
+    def rdfs(self, distances: Tensor, i: Tensor, j: Tensor, lengths: Tensor) -> Tuple[Tensor, Tensor]:
+        """(r, g) from the pair distances of frames with edge lengths ``lengths`` (F, 3).
+
+        ``distances`` must hold every pair within :meth:`search_reach` (more are ignored).
+        """
+        groups = self.type_matrix[self.species[i], self.species[j]]
+        counts = _histogram(distances, groups, self.n_types, self.edges, self.smearing)
+        # Absent pair types: divide by 1 (their counts are zero) instead of 0.
+        norm = (
+            torch.clamp(self.pair_counts, min=1.0).unsqueeze(1)
+            * (1.0 / lengths.prod(1)).sum()
+            * _shell_volumes(self.edges)
+        )
+        r = 0.5 * (self.edges[1:] + self.edges[:-1])
+        return r, counts / norm
 
 
 # -- targets on the model's grid -------------------------------------------------------

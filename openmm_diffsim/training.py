@@ -274,7 +274,10 @@ class Trainer:
         overshot, e.g. across a phase boundary): the parameters go back, and
         the same Newton step is taken again, capped at half the change of u(r)
         the undone step made; after a step that is kept, the cap grows 1.5×
-        back towards ``max_potential_change``.
+        back towards ``max_potential_change``. After ``IMC_MAX_UNDOS`` (2)
+        undos in a row the next step is kept whatever its loss, which becomes
+        the reference (logged as ``rebased``): a loss that steps of a quarter
+        of the length still cannot reach came from an outlying sample.
         None (default): every step is kept.
     imc_pool : int
         ``optimizer="imc"``: pool the residuals and Jacobians of up to this
@@ -1279,11 +1282,19 @@ class Trainer:
         # A rolled-back step halves the learning rate; the IMC step (which has
         # none) shrinks its cap by the same factor, so a retry is not the same step.
         limit = self.options["max_potential_change"] * self.learning_rate / self.options["learning_rate"]
-        undone = False
+        undone = rebased = False
+        undos = 0
         factor = self.options.get("imc_reject_factor")
         last = self._imc_last
         if factor is not None and last is not None:
-            if loss0 > factor * last["loss"]:
+            if loss0 > factor * last["loss"] and last.get("undos", 0) >= IMC_MAX_UNDOS:
+                # The step was retaken at a quarter of its length or less and the
+                # fresh loss still exceeds the reference: the reference sample was
+                # the outlier (a fluid near coexistence scatters tenfold in loss
+                # between 100-frame samples), not the step. Keep it; its loss is
+                # the new reference.
+                rebased = True
+            elif loss0 > factor * last["loss"]:
                 # The last step overshot: back to where it started, the same
                 # Newton system, capped at half the change the step made (often
                 # below its cap, which halving would leave the step as it was).
@@ -1291,6 +1302,7 @@ class Trainer:
                 self._set_flat_parameters(last["parameters"])
                 jtj, jtr, loss0 = last["jtj"], last["jtr"], last["loss"]
                 limit, undone = 0.5 * (last.get("moved") or last["limit"]), True
+                undos = last.get("undos", 0) + 1
                 # The pooled samples led to the overshoot; start the pool afresh.
                 self._imc_pool = []
             else:
@@ -1313,6 +1325,7 @@ class Trainer:
                 "jtr": jtr.clone(),
                 "loss": float(loss0),
                 "limit": float(limit),
+                "undos": undos,
             }
         penalty = self._smoothing_penalty(jtj)
         roughness = None
@@ -1339,7 +1352,7 @@ class Trainer:
             "core_hole_shrinks": hole_shrinks,
             "damping": damping,
             **({} if roughness is None else {"roughness": roughness}),
-            **({} if factor is None else {"undone": undone, "cap_kT": limit}),
+            **({} if factor is None else {"undone": undone, "rebased": rebased, "cap_kT": limit}),
             **(
                 {}
                 if pool is None
@@ -1724,6 +1737,10 @@ def _plot_r_min(table: PairTable) -> float:
 
 # imc: a step that cannot keep the core free of a well is recomputed with
 # damping raised tenfold (from at least the first value) up to the second.
+#: ``imc_reject_factor``: undos in a row after which the next step is kept
+#: (retaken at 1/2, then 1/4 of its change of u(r), a step that still "overshoots"
+#: was judged against an outlying reference loss).
+IMC_MAX_UNDOS = 2
 _FALLBACK_DAMPING_MIN = 1e-3
 _FALLBACK_DAMPING_MAX = 1.0
 

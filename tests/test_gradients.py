@@ -152,6 +152,38 @@ def test_reweighted_rdf_at_reference_is_the_plain_average(lj_samples):
     assert result.loss == pytest.approx(rmse**2, rel=1e-10)
 
 
+@pytest.mark.parametrize("r_range, smearing", [((0.0, 0.95), 0.02), ((0.1, 0.5), 0.0), ((0.0, 0.8), 0.01)])
+def test_reweighting_rdfs_from_the_shared_pair_search_equal_compute_partial_rdfs(r_range, smearing):
+    """reset() searches pairs once for energies and RDFs; its RDFs must equal compute_partial_rdfs frame by frame,
+    whether the RDF reaches past the cutoff (0.95 + smearing) or stops short of it (0.5)."""
+    from openmm_diffsim.observables import compute_partial_rdfs
+
+    state = StatePoint("mix", ["A", "B"], [60, 40], [MASS, 20.0], temperature=TEMPERATURE, box=[2.2, 2.3, 2.4])
+    table = od.PairTable(
+        ["A", "B"],
+        {
+            ("A", "A"): od.LennardJones(SIGMA, EPSILON),
+            ("A", "B"): od.LennardJones(0.3, 0.8),
+            ("B", "B"): od.SoftSphere(0.28, 1.0, 12.0),
+        },
+        cutoff=0.8,
+    )
+    rng = np.random.default_rng(4)
+    positions = state.initial_positions("lattice", seed=0)[None] + rng.normal(scale=0.03, size=(3, 100, 3))
+    boxes = np.repeat(state.box_vectors[None], 3, axis=0)
+    zeros = np.zeros(3)
+    snapshots = Snapshots(positions, np.zeros_like(positions), boxes, zeros, zeros.astype(np.int64), state)
+    estimator = ReweightingEstimator(r_range=r_range, n_bins=30, smearing=smearing)
+    estimator.reset(table, snapshots, state)
+    species = torch.as_tensor(state.particle_species())
+    for frame in range(3):
+        _, g = compute_partial_rdfs(
+            torch.as_tensor(positions[frame]), torch.as_tensor(boxes[frame]), species, 2, r_range, 30, smearing
+        )
+        assert float(g.abs().max()) > 0
+        np.testing.assert_allclose(estimator._rdfs[frame].numpy(), g.numpy(), rtol=1e-12, atol=1e-12)
+
+
 def test_pressure_term_matches_virial_pressure(lj_samples):
     state, snapshots = lj_samples
     table = lj_table()

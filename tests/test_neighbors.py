@@ -6,7 +6,14 @@ import numpy as np
 import pytest
 import torch
 
-from openmm_diffsim.neighbors import VerletList, box_lengths, minimum_image, neighbor_pairs, pair_displacements
+from openmm_diffsim.neighbors import (
+    VerletList,
+    _cell_pairs,
+    box_lengths,
+    minimum_image,
+    neighbor_pairs,
+    pair_displacements,
+)
 
 
 def brute_force_pairs(positions: np.ndarray, lengths: np.ndarray, cutoff: float) -> set:
@@ -26,13 +33,14 @@ def as_pair_set(i: torch.Tensor, j: torch.Tensor) -> set:
     return set(pairs)
 
 
-# (n particles, box lengths, cutoff): first two go through the all-pairs fallback
-# (too few particles / fewer than 3 cells along an axis), the rest through the cell list.
+# (n particles, box lengths, cutoff): the first three go through the all-pairs fallback
+# (too few particles / fewer than 4 cells along an axis), the rest through the cell list.
 CASES = [
     (40, [2.0, 2.0, 2.0], 0.8),
     (300, [2.0, 3.5, 3.5], 0.9),
     (300, [2.7, 2.7, 2.7], 0.9),  # exactly 3 cells per axis
     (500, [3.1, 4.3, 5.2], 0.75),
+    (600, [3.6, 3.6, 4.0], 0.9),  # exactly 4 cells per axis
     (800, [4.0, 4.0, 4.0], 0.6),
 ]
 
@@ -74,6 +82,15 @@ def test_neighbor_pairs_cell_list_agrees_with_fallback_on_clustered_input():
     positions = np.concatenate([cluster, gas])
     i, j = neighbor_pairs(torch.tensor(positions), torch.tensor(lengths), 0.8)
     assert as_pair_set(i, j) == brute_force_pairs(positions, lengths, 0.8)
+
+
+def test_cell_list_with_three_cells_per_axis():
+    """The cell list stays right at its smallest size (3 cells), which neighbor_pairs leaves to all-pairs."""
+    rng = np.random.default_rng(3)
+    lengths = np.array([2.7, 2.8, 3.0])
+    positions = rng.uniform(0, 1, (300, 3)) * lengths
+    i, j = _cell_pairs(torch.tensor(positions), torch.tensor(lengths), 0.9, torch.tensor([3, 3, 3]))
+    assert as_pair_set(i, j) == brute_force_pairs(positions, lengths, 0.9)
 
 
 def test_neighbor_pairs_is_torchscript_compatible():

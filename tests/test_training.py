@@ -763,6 +763,25 @@ def test_imc_undoes_a_step_that_overshot_and_retakes_it_with_half_the_cap(tmp_pa
         quick_trainer(tmp_path, optimizer="imc", imc_reject_factor=1.0)
 
 
+def test_imc_keeps_the_step_after_two_undos_and_takes_its_loss_as_the_reference(tmp_path):
+    """A reference loss that samples at a quarter of the step still miss by the factor was an outlier."""
+    trainer = quick_trainer(tmp_path, optimizer="imc", imc_reject_factor=2.0, max_potential_change=0.5)
+    jtj = torch.eye(2, dtype=torch.float64)
+    jtr = torch.tensor([-0.01, 0.005], dtype=torch.float64)
+    # A lucky first sample (0.1), then the loss the parameters really have (~1).
+    losses = iter([0.1, 1.0, 1.1, 0.9, 1.0, 5.0, 1.5])
+    trainer._residual_jacobian = lambda: (jtj, jtr, next(losses))
+    steps = [trainer._imc_step() for _ in range(7)]
+    assert [s["undone"] for s in steps] == [False, True, True, False, False, True, False]
+    assert [s["rebased"] for s in steps] == [False, False, False, True, False, False, False]
+    assert steps[2]["cap_kT"] == pytest.approx(0.5 * steps[1]["max_change_kT"])
+    # The kept step's loss (0.9) is the reference: 1.0 is within the factor, 5.0 is undone,
+    # and 1.5 after one undo is kept on its merit, which resets the count.
+    assert trainer._imc_last["undos"] == 0
+    trainer.save_checkpoint()
+    assert Trainer.resume(tmp_path)._imc_last["undos"] == 0
+
+
 def test_imc_with_smoothing_fits_a_spline_to_a_simulated_rdf(tmp_path):
     """Smoothed IMC steps with almost no damping improve u(r) of a spline started at the Boltzmann inversion."""
     target = simulated_lj_target()

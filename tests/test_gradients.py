@@ -152,14 +152,9 @@ def test_reweighted_rdf_at_reference_is_the_plain_average(lj_samples):
     assert result.loss == pytest.approx(rmse**2, rel=1e-10)
 
 
-@pytest.mark.parametrize("r_range, smearing", [((0.0, 0.95), 0.02), ((0.1, 0.5), 0.0), ((0.0, 0.8), 0.01)])
-def test_reweighting_rdfs_from_the_shared_pair_search_equal_compute_partial_rdfs(r_range, smearing):
-    """reset() searches pairs once for energies and RDFs; its RDFs must equal compute_partial_rdfs frame by frame,
-    whether the RDF reaches past the cutoff (0.95 + smearing) or stops short of it (0.5)."""
-    from openmm_diffsim.observables import compute_partial_rdfs
-
-    state = StatePoint("mix", ["A", "B"], [60, 40], [MASS, 20.0], temperature=TEMPERATURE, box=[2.2, 2.3, 2.4])
-    table = od.PairTable(
+def two_species_table():
+    """LJ A-A and A-B, soft-sphere B-B, cut at 0.8 nm."""
+    return od.PairTable(
         ["A", "B"],
         {
             ("A", "A"): od.LennardJones(SIGMA, EPSILON),
@@ -168,6 +163,16 @@ def test_reweighting_rdfs_from_the_shared_pair_search_equal_compute_partial_rdfs
         },
         cutoff=0.8,
     )
+
+
+@pytest.mark.parametrize("r_range, smearing", [((0.0, 0.95), 0.02), ((0.1, 0.5), 0.0), ((0.0, 0.8), 0.01)])
+def test_reweighting_rdfs_from_the_shared_pair_search_equal_compute_partial_rdfs(r_range, smearing):
+    """reset() searches pairs once for energies and RDFs; its RDFs must equal compute_partial_rdfs frame by frame,
+    whether the RDF reaches past the cutoff (0.95 + smearing) or stops short of it (0.5)."""
+    from openmm_diffsim.observables import compute_partial_rdfs
+
+    state = StatePoint("mix", ["A", "B"], [60, 40], [MASS, 20.0], temperature=TEMPERATURE, box=[2.2, 2.3, 2.4])
+    table = two_species_table()
     rng = np.random.default_rng(4)
     positions = state.initial_positions("lattice", seed=0)[None] + rng.normal(scale=0.03, size=(3, 100, 3))
     boxes = np.repeat(state.box_vectors[None], 3, axis=0)
@@ -419,15 +424,7 @@ def test_rollout_pressure_needs_target_pressure(lj_samples):
 
 def test_rollout_estimator_on_two_species():
     state = StatePoint("mix", ["A", "B"], [40, 24], [MASS, 20.0], temperature=TEMPERATURE, box=[1.7] * 3)
-    table = od.PairTable(
-        ["A", "B"],
-        {
-            ("A", "A"): od.LennardJones(SIGMA, EPSILON),
-            ("A", "B"): od.LennardJones(0.3, 0.8),
-            ("B", "B"): od.SoftSphere(0.28, 1.0, 12.0),
-        },
-        cutoff=0.8,
-    )
+    table = two_species_table()
     positions = state.initial_positions("lattice", seed=0)[None].repeat(2, axis=0)
     positions[1] += np.random.default_rng(1).normal(scale=0.005, size=positions[1].shape)
     boxes = np.repeat(state.box_vectors[None], 2, axis=0)

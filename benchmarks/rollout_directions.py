@@ -40,7 +40,13 @@ import torch
 
 from openmm_diffsim import demo
 from openmm_diffsim.dynamics import PairForces, make_integrator, rollout_gradient
-from openmm_diffsim.gradients import ReweightingEstimator, _particle_species, _prepare_targets, fisher_metric
+from openmm_diffsim.gradients import (
+    ReweightingEstimator,
+    _jacobian,
+    _particle_species,
+    _prepare_targets,
+    fisher_metric,
+)
 from openmm_diffsim.observables import compute_partial_rdfs
 from openmm_diffsim.sampling import Sampler, Snapshots
 from openmm_diffsim.targets import read_target
@@ -94,8 +100,8 @@ def main(argv=None) -> int:
         estimator.reset(table, snaps, state)
         with torch.enable_grad():
             rho, _ = estimator.residuals(table, state, [target])
-            rows = [flat(torch.autograd.grad(rho[k], params, retain_graph=True)) for k in range(rho.shape[0])]
-        return torch.stack(rows), rho.detach()
+            jacobian = _jacobian(rho, params)
+        return jacobian, rho.detach()
 
     J, rho = jacobian_and_residual(snapshots)
     metric = fisher_metric(table, state, snapshots)

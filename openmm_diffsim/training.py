@@ -1735,12 +1735,13 @@ def _plot_r_min(table: PairTable) -> float:
     return float(r[above[-1]]) if len(above) else 0.0
 
 
-# imc: a step that cannot keep the core free of a well is recomputed with
-# damping raised tenfold (from at least the first value) up to the second.
 #: ``imc_reject_factor``: undos in a row after which the next step is kept
 #: (retaken at 1/2, then 1/4 of its change of u(r), a step that still "overshoots"
 #: was judged against an outlying reference loss).
 IMC_MAX_UNDOS = 2
+
+# imc: a step that cannot keep the core free of a well is recomputed with
+# damping raised tenfold (from at least the first value) up to the second.
 _FALLBACK_DAMPING_MIN = 1e-3
 _FALLBACK_DAMPING_MAX = 1.0
 

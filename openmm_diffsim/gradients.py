@@ -605,6 +605,58 @@ class ReweightingEstimator:
             n_eff = float(torch.exp(-(w * torch.log(torch.clamp(w, min=1e-300))).sum())) / w.shape[0]
         return torch.cat(parts), n_eff
 
+    def residual_noise(self, state, targets, loss_weight: float = 1.0, n_blocks: int = 10) -> float:
+        """Expected part of ``ρ·ρ`` that is sampling noise, at the snapshots' own parameters (RDF rows).
+
+        A loss measured on a finite sample is its bias plus the variance of
+        the sample-mean RDF: ``E[ρ·ρ] = |bias|² + Σ_k s Σ_b w_b Var(ḡ_kb)``.
+        This returns the second term, with ``Var(ḡ)`` from the means of
+        ``n_blocks`` consecutive blocks of frames (block averaging, so frames
+        correlated within a block do not count as independent). It lets a
+        caller tell a loss that rose from one that merely scattered: two
+        samples of an exact potential differ in loss by about this much.
+
+        Parameters
+        ----------
+        state : StatePoint
+            The state the snapshots were drawn at (its ``weight`` scales the loss, as in :meth:`residuals`).
+        targets : list of Target
+            The RDF targets; only their pairs and bin weights matter here.
+        loss_weight : float
+            Extra factor on this state's loss, as in :meth:`residuals`.
+        n_blocks : int
+            Number of blocks (at least 2; fewer when there are fewer frames).
+
+        Returns
+        -------
+        float
+            The noise part of the loss (dimensionless, like ``ρ·ρ``); NaN with fewer than 2 frames.
+        """
+        if self._snapshots is None:
+            raise RuntimeError("call reset(table, snapshots) or the estimator first")
+        if int(n_blocks) != n_blocks or n_blocks < 2:
+            raise ValueError(f"n_blocks must be an integer of at least 2, got {n_blocks!r}")
+        targets_prepared = _prepare_targets(self._table, targets, self.r, self.target_outside, self.bin_weighting)
+        n_frames = self._rdfs.shape[0]
+        blocks = min(int(n_blocks), n_frames)
+        if blocks < 2:
+            return float("nan")
+        size = n_frames // blocks
+        rows = [t.row for t in targets_prepared]
+        frames = self._rdfs[-blocks * size :, rows]  # (blocks * size, n_targets, n_bins)
+        means = frames.reshape(blocks, size, *frames.shape[1:]).mean(1)
+        variance_of_mean = means.var(0, unbiased=True) / blocks
+        scale = float(state.weight) * float(loss_weight)
+        total = 0.0
+        for k, t in enumerate(targets_prepared):
+            n_bins = t.g.shape[0]
+            if t.weights is None:
+                bin_weights = torch.full((n_bins,), 1.0 / n_bins, dtype=torch.float64)
+            else:
+                bin_weights = t.weights / t.weights.sum()
+            total += scale * float((bin_weights * variance_of_mean[k]).sum())
+        return total
+
     def _check_thermodynamic_targets(self, state) -> None:
         if self.pressure_weight > 0:
             _check_pressure_state(state)

@@ -271,7 +271,11 @@ class Trainer:
     imc_reject_factor : float or None
         ``optimizer="imc"``: undo a step after which the freshly sampled loss
         exceeds this factor times the loss before it (a linearised step that
-        overshot, e.g. across a phase boundary): the parameters go back, and
+        overshot, e.g. across a phase boundary) and this factor times its own
+        sampling noise (block averages of the fresh sample; logged as
+        ``loss_noise``): near convergence losses scatter by more than a
+        factor of two between samples of one potential, which is no reason
+        to undo a step. The parameters go back, and
         the same Newton step is taken again, capped at half the change of u(r)
         the undone step made; after a step that is kept, the cap grows 1.5×
         back towards ``max_potential_change``. After ``IMC_MAX_UNDOS`` (2)
@@ -862,6 +866,18 @@ class Trainer:
             loss0 = float(loss0)
         return jtj, jtr, loss0
 
+    def _loss_noise(self) -> float:
+        """The sampling-noise part of the current snapshots' loss, summed over states (and ranks).
+
+        See :meth:`~openmm_diffsim.gradients.ReweightingEstimator.residual_noise`.
+        """
+        noise = sum(
+            self.reweighting[state.name].residual_noise(state, state.targets, 1.0) for state in self._states_here()
+        )
+        if self._dist is not None:
+            noise = float(self._reduce_residual_sums(float(noise))[0])
+        return float(noise)
+
     def _residual_jacobian(self):
         """``JᵀJ``, ``Jᵀρ`` and ``ρ·ρ`` of the reweighted residuals (summed over ranks)."""
         return self._normal_equations(self._residual_rows())
@@ -1286,15 +1302,22 @@ class Trainer:
         undos = 0
         factor = self.options.get("imc_reject_factor")
         last = self._imc_last
+        noise = None
         if factor is not None and last is not None:
-            if loss0 > factor * last["loss"] and last.get("undos", 0) >= IMC_MAX_UNDOS:
+            # A loss near its sampling noise scatters by a factor of two or more
+            # between samples of the same potential (few independent directions
+            # in a smeared RDF): only a loss that also exceeds the factor times
+            # its own noise says the step overshot.
+            noise = self._loss_noise()
+            overshot = loss0 > factor * max(last["loss"], noise)
+            if overshot and last.get("undos", 0) >= IMC_MAX_UNDOS:
                 # The step was retaken at a quarter of its length or less and the
                 # fresh loss still exceeds the reference: the reference sample was
                 # the outlier (a fluid near coexistence scatters tenfold in loss
                 # between 100-frame samples), not the step. Keep it; its loss is
                 # the new reference.
                 rebased = True
-            elif loss0 > factor * last["loss"]:
+            elif overshot:
                 # The last step overshot: back to where it started, the same
                 # Newton system, capped at half the change the step made (often
                 # below its cap, which halving would leave the step as it was).
@@ -1352,7 +1375,7 @@ class Trainer:
             "core_hole_shrinks": hole_shrinks,
             "damping": damping,
             **({} if roughness is None else {"roughness": roughness}),
-            **({} if factor is None else {"undone": undone, "rebased": rebased, "cap_kT": limit}),
+            **({} if factor is None else {"undone": undone, "rebased": rebased, "cap_kT": limit, "loss_noise": noise}),
             **(
                 {}
                 if pool is None

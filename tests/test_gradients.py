@@ -189,6 +189,43 @@ def test_reweighting_rdfs_from_the_shared_pair_search_equal_compute_partial_rdfs
         np.testing.assert_allclose(estimator._rdfs[frame].numpy(), g.numpy(), rtol=1e-12, atol=1e-12)
 
 
+def test_residual_noise_predicts_the_loss_of_an_exact_model_with_correlated_frames():
+    """Independent frames, the target their exact mean: the RDF loss is pure sampling noise, which
+    residual_noise predicts from one sample.
+
+    Every frame is repeated five times in a row, so a per-frame variance would
+    underestimate the noise fivefold; block averages must not.
+    """
+    state = StatePoint("jiggle", ["Ar"], [100], [MASS], temperature=TEMPERATURE, box=[2.0] * 3)
+    table = lj_table()
+    lattice = state.initial_positions("lattice", seed=0)
+    rng = np.random.default_rng(12)
+    n_batches, unique, repeat = 30, 10, 5
+    batches = [
+        (lattice + rng.normal(scale=0.05, size=(unique, 100, 3))).repeat(repeat, axis=0) for _ in range(n_batches)
+    ]
+    boxes = np.repeat(np.diag([2.0] * 3)[None], unique * repeat, axis=0)
+    zeros = np.zeros(unique * repeat)
+    everything = np.concatenate(batches)
+    _, g = compute_rdf(torch.as_tensor(everything), torch.as_tensor(np.tile(boxes, (n_batches, 1, 1))), **GRID)
+    target = Target(bin_centres(), g.numpy(), pair=("Ar", "Ar"))  # the mean of all batches: ~ the exact RDF
+    losses, noises = [], []
+    for positions in batches:
+        snapshots = Snapshots(positions, np.zeros_like(positions), boxes, zeros, zeros.astype(np.int64), state)
+        estimator = ReweightingEstimator(**GRID)
+        estimator.reset(table, snapshots, state)
+        rho, _ = estimator.residuals(table, state, [target])
+        losses.append(float(rho.detach() @ rho.detach()))
+        noises.append(estimator.residual_noise(state, [target]))
+    # Each batch's own mean moved the target by 1/30 of its noise: E[loss] = (1 - 1/30) noise. Measured
+    # over seeds: 0.75-0.99 with 20 batches; the variance of single frames would give 4-5.4.
+    assert 0.65 < np.mean(losses) / np.mean(noises) < 1.5
+    # Weighting the state scales it as it scales the loss; too few blocks is refused.
+    assert estimator.residual_noise(state, [target], loss_weight=3.0) == pytest.approx(3.0 * noises[-1])
+    with pytest.raises(ValueError, match="n_blocks"):
+        estimator.residual_noise(state, [target], n_blocks=1)
+
+
 def test_pressure_term_matches_virial_pressure(lj_samples):
     state, snapshots = lj_samples
     table = lj_table()

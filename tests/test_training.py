@@ -738,6 +738,7 @@ def test_imc_undoes_a_step_that_overshot_and_retakes_it_with_half_the_cap(tmp_pa
     jtr = torch.tensor([-0.01, 0.005], dtype=torch.float64)  # sigma +0.01 nm: the cap sets the length
     losses = iter([1.0, 5.0, 0.9])
     trainer._residual_jacobian = lambda: (jtj, jtr, next(losses))
+    trainer._loss_noise = lambda: 0.0
     start = trainer._flat_parameters()
     first = trainer._imc_step()
     after_first = trainer._flat_parameters()
@@ -771,6 +772,7 @@ def test_imc_keeps_the_step_after_two_undos_and_takes_its_loss_as_the_reference(
     # A lucky first sample (0.1), then the loss the parameters really have (~1).
     losses = iter([0.1, 1.0, 1.1, 0.9, 1.0, 5.0, 1.5])
     trainer._residual_jacobian = lambda: (jtj, jtr, next(losses))
+    trainer._loss_noise = lambda: 0.0
     steps = [trainer._imc_step() for _ in range(7)]
     assert [s["undone"] for s in steps] == [False, True, True, False, False, True, False]
     assert [s["rebased"] for s in steps] == [False, False, False, True, False, False, False]
@@ -780,6 +782,21 @@ def test_imc_keeps_the_step_after_two_undos_and_takes_its_loss_as_the_reference(
     assert trainer._imc_last["undos"] == 0
     trainer.save_checkpoint()
     assert Trainer.resume(tmp_path)._imc_last["undos"] == 0
+
+
+def test_imc_keeps_a_step_whose_loss_rose_only_as_far_as_sampling_noise_reaches(tmp_path):
+    """A fresh loss above twice the last but below twice its own noise is scatter, not an overshoot."""
+    trainer = quick_trainer(tmp_path, optimizer="imc", imc_reject_factor=2.0, max_potential_change=0.5)
+    jtj = torch.eye(2, dtype=torch.float64)
+    jtr = torch.tensor([-0.01, 0.005], dtype=torch.float64)
+    losses = iter([0.3, 1.0, 1.3, 4.0])
+    noises = iter([0.6, 0.6, 0.6])
+    trainer._residual_jacobian = lambda: (jtj, jtr, next(losses))
+    trainer._loss_noise = lambda: next(noises)
+    steps = [trainer._imc_step() for _ in range(4)]
+    # 1.0 > 2 x 0.3 but < 2 x 0.6: kept. 1.3 after 1.0: kept. 4.0 > 2 x max(1.3, 0.6): undone.
+    assert [s["undone"] for s in steps] == [False, False, False, True]
+    assert steps[0]["loss_noise"] is None and steps[3]["loss_noise"] == 0.6
 
 
 def test_imc_with_smoothing_fits_a_spline_to_a_simulated_rdf(tmp_path):

@@ -99,6 +99,7 @@ METHODS = (
     "imc-trust",
     "imc-counting",
     "imc-pool",
+    "imc-grow",
     "ibi",
 )
 
@@ -177,6 +178,10 @@ METHOD_SETTINGS["imc-counting"] = dict(METHOD_SETTINGS["imc-steady"], estimator_
 # 0.25 kT of the current u(r): near convergence each step carries the noise of
 # all pooled frames rather than of one sample (docs/training.md).
 METHOD_SETTINGS["imc-pool"] = dict(METHOD_SETTINGS["imc-counting"], imc_pool=4)
+# imc-trust whose cap may grow 1.5x per step up to 2 kT while the fresh losses
+# fall as the Newton system predicts: far from the answer the cap, not the
+# step, set the pace (three temperatures at once: six capped steps).
+METHOD_SETTINGS["imc-grow"] = dict(METHOD_SETTINGS["imc-trust"], imc_max_cap=2.0)
 
 
 # -- cases ---------------------------------------------------------------------------------------------------

@@ -298,6 +298,15 @@ class Trainer:
         ``optimizer="imc"``: the largest change of u(r) per step, in kT (of the
         coldest state), where a target has g(r) > 0.05; halved with every
         rolled-back step, as the learning rate is.
+    imc_max_cap : float or None
+        ``optimizer="imc"`` with ``imc_reject_factor``: let the cap on the
+        change of u(r) grow past ``max_potential_change``, up to this many kT,
+        while the linear model holds: after a step that the cap shortened and
+        after which the fresh loss fell by at least half the drop the Newton
+        system predicted, the cap grows 1.5× (logged as ``model_ratio``).
+        Any other kept step brings the cap back to ``max_potential_change``;
+        an overshoot is undone as usual. None (default): the cap never
+        exceeds ``max_potential_change``. See docs/training.md.
     """
 
     def __init__(
@@ -337,6 +346,7 @@ class Trainer:
         imc_reject_factor: Optional[float] = None,
         imc_pool: int = 1,
         imc_pool_radius: float = 0.25,
+        imc_max_cap: Optional[float] = None,
     ):
         states = check_fit_inputs(table, states, "Trainer")
         if isinstance(estimator, str) and estimator not in ESTIMATORS:
@@ -359,6 +369,12 @@ class Trainer:
             raise ValueError(f"imc_pool must be a positive integer (1: no pooling), got {imc_pool!r}")
         if not (math.isfinite(float(imc_pool_radius)) and float(imc_pool_radius) > 0):
             raise ValueError(f"imc_pool_radius must be a positive number (kT), got {imc_pool_radius}")
+        if imc_max_cap is not None:
+            if not (math.isfinite(float(imc_max_cap)) and float(imc_max_cap) > 0):
+                raise ValueError(f"imc_max_cap must be a positive number (kT) or None, got {imc_max_cap}")
+            if imc_reject_factor is None:
+                # A grown cap is safe only because an overshoot is undone.
+                raise ValueError("imc_max_cap needs imc_reject_factor (the undo of an overshoot)")
         if lr_schedule not in ("constant", "cosine"):
             raise ValueError(f"lr_schedule must be 'constant' or 'cosine', got {lr_schedule!r}")
         for name, value in (("learning_rate", learning_rate),):
@@ -389,6 +405,7 @@ class Trainer:
             imc_reject_factor=None if imc_reject_factor is None else float(imc_reject_factor),
             imc_pool=int(imc_pool),
             imc_pool_radius=float(imc_pool_radius),
+            imc_max_cap=None if imc_max_cap is None else float(imc_max_cap),
             max_potential_change=float(max_potential_change),
             average_last=int(average_last),
             max_epochs=int(max_epochs),
@@ -1300,6 +1317,7 @@ class Trainer:
         limit = self.options["max_potential_change"] * self.learning_rate / self.options["learning_rate"]
         undone = rebased = False
         undos = 0
+        model_ratio = None
         factor = self.options.get("imc_reject_factor")
         last = self._imc_last
         noise = None
@@ -1329,7 +1347,16 @@ class Trainer:
                 # The pooled samples led to the overshoot; start the pool afresh.
                 self._imc_pool = []
             else:
-                limit = min(limit, 1.5 * last["limit"])
+                ceiling = limit
+                grown_cap = self.options.get("imc_max_cap")
+                predicted = last.get("predicted_drop")
+                if predicted is not None and predicted > 0:
+                    model_ratio = (last["loss"] - loss0) / predicted
+                    if grown_cap is not None and last.get("capped") and model_ratio >= 0.5:
+                        # The cap, not the model, held the last step back, and the
+                        # fresh sample fell as the model said: trust it further.
+                        ceiling = max(limit, grown_cap * self.learning_rate / self.options["learning_rate"])
+                limit = min(ceiling, 1.5 * last["limit"])
         pool = None if undone or rows is None else self._pooled_system(rows)
         if pool is not None:
             start = self._flat_parameters()
@@ -1355,6 +1382,7 @@ class Trainer:
         if self.options.get("imc_roughness", 0.0) > 0:
             penalty, jtr, roughness = self._roughness_penalty(jtj, penalty, jtr)
         damping = self.options["imc_damping"]
+        before = self._flat_parameters()
         step = _damped_solve(jtj, jtr, damping, penalty)
         moved, scale, hole_shrinks = self._move_within(step, limit)
         # No length of this step keeps the core free of a well: the knots the
@@ -1367,6 +1395,11 @@ class Trainer:
             hole_shrinks += more
         if self._imc_last is not None and factor is not None:
             self._imc_last["moved"] = float(moved)
+            # What the linear model (of the system solved, smoothing left out)
+            # expects the step to remove from the loss: -(2 δ·Jᵀρ + δᵀJᵀJδ).
+            delta = self._flat_parameters() - before
+            self._imc_last["predicted_drop"] = float(-(2.0 * delta @ jtr + delta @ jtj @ delta))
+            self._imc_last["capped"] = bool(scale < 1.0 and hole_shrinks == 0)  # the cap alone shortened it
         self.snapshots.clear()
         return {
             "max_change_kT": moved,
@@ -1375,7 +1408,17 @@ class Trainer:
             "core_hole_shrinks": hole_shrinks,
             "damping": damping,
             **({} if roughness is None else {"roughness": roughness}),
-            **({} if factor is None else {"undone": undone, "rebased": rebased, "cap_kT": limit, "loss_noise": noise}),
+            **(
+                {}
+                if factor is None
+                else {
+                    "undone": undone,
+                    "rebased": rebased,
+                    "cap_kT": limit,
+                    "loss_noise": noise,
+                    "model_ratio": model_ratio,
+                }
+            ),
             **(
                 {}
                 if pool is None

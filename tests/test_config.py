@@ -201,6 +201,7 @@ BROKEN = [
     (_set("state/0/energy", "low"), r"state\[0\]\.energy: must be a number, got a string 'low'"),
     (_set("training/imc_pool", 0), r"training\.imc_pool: must be positive, got 0"),
     (_set("training/imc_pool_radius", -0.1), r"training\.imc_pool_radius: must be positive, got -0\.1"),
+    (_set("training/imc_max_cap", 0), r"training\.imc_max_cap: must be positive, got 0"),
     (
         _set("estimator", {"bin_weighting": "poisson"}),
         r"estimator\.bin_weighting: must be one of uniform, counting, got 'poisson'",

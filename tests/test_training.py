@@ -799,6 +799,43 @@ def test_imc_keeps_a_step_whose_loss_rose_only_as_far_as_sampling_noise_reaches(
     assert steps[0]["loss_noise"] is None and steps[3]["loss_noise"] == 0.6
 
 
+def test_imc_cap_grows_past_max_potential_change_while_the_linear_model_holds(tmp_path):
+    """imc_max_cap: a capped step whose fresh loss fell by >= half the predicted drop lets the cap grow 1.5x."""
+
+    def run(**options):
+        trainer = quick_trainer(tmp_path, optimizer="imc", imc_reject_factor=2.0, max_potential_change=0.5, **options)
+        jtj = torch.eye(2, dtype=torch.float64)
+        jtr = torch.tensor([-0.02, 0.01], dtype=torch.float64)  # beyond every cap here
+        loss = [1.0]
+        trainer._residual_jacobian = lambda: (jtj, jtr, loss[0])
+        trainer._loss_noise = lambda: 0.0
+        steps = [trainer._imc_step()]
+        # The fresh samples fall by 90 %, 90 %, then 10 % of the drop the model predicted.
+        for fraction in (0.9, 0.9, 0.1):
+            predicted = trainer._imc_last["predicted_drop"]
+            assert predicted > 0 and trainer._imc_last["capped"]
+            loss[0] -= fraction * predicted
+            steps.append(trainer._imc_step())
+        return steps
+
+    grown = run(imc_max_cap=1.0)
+    assert [s["cap_kT"] for s in grown] == pytest.approx([0.5, 0.75, 1.0, 0.5])
+    assert [s["model_ratio"] for s in grown[1:]] == pytest.approx([0.9, 0.9, 0.1])
+    assert not any(s["undone"] for s in grown)
+    # Each step is shortened to its cap (u is not linear in sigma: to 0.6-1 of it), past
+    # max_potential_change once the cap grew.
+    for step in grown:
+        assert step["step_scale"] < 1 and step["core_hole_shrinks"] == 0
+        assert 0.55 * step["cap_kT"] < step["max_change_kT"] <= step["cap_kT"] * (1 + 1e-9)
+    assert grown[2]["max_change_kT"] > 0.5
+    # Without imc_max_cap the cap stays at max_potential_change.
+    assert [s["cap_kT"] for s in run()] == pytest.approx([0.5] * 4)
+    with pytest.raises(ValueError, match="imc_max_cap needs imc_reject_factor"):
+        quick_trainer(tmp_path, optimizer="imc", imc_max_cap=1.0)
+    with pytest.raises(ValueError, match="imc_max_cap"):
+        quick_trainer(tmp_path, optimizer="imc", imc_reject_factor=2.0, imc_max_cap=-1.0)
+
+
 def test_imc_with_smoothing_fits_a_spline_to_a_simulated_rdf(tmp_path):
     """Smoothed IMC steps with almost no damping improve u(r) of a spline started at the Boltzmann inversion."""
     target = simulated_lj_target()

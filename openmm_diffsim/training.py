@@ -275,8 +275,10 @@ class Trainer:
         sampling noise (block averages of the fresh sample; logged as
         ``loss_noise``): near convergence losses scatter by more than a
         factor of two between samples of one potential, which is no reason
-        to undo a step. The parameters go back, and
-        the same Newton step is taken again, capped at half the change of u(r)
+        to undo a step. The parameters go back, the next sample starts from
+        the configurations the step was computed from (not from what the
+        overshooting potential made of the fluid), and the same Newton step
+        is taken again, capped at half the change of u(r)
         the undone step made; after a step that is kept, the cap grows 1.5×
         back towards ``max_potential_change``. After ``IMC_MAX_UNDOS`` (2)
         undos in a row the next step is kept whatever its loss, which becomes
@@ -1291,6 +1293,14 @@ class Trainer:
             "core_hole_shrinks": hole_shrinks,
         }
 
+    def _restore_configurations(self, states: Optional[Dict[str, Dict[str, Any]]]) -> None:
+        """Continue sampling from ``states`` (positions, velocities, box per state name)."""
+        for name, saved in (states or {}).items():
+            self._sampler_states[name] = copy.deepcopy(saved)
+            sampler = self.samplers.get(name)
+            if sampler is not None:
+                sampler.set_state(saved["positions"], saved["velocities"], saved["box"])
+
     def _imc_step(self) -> Dict[str, Any]:
         """One inverse Monte Carlo step: a damped Newton step, then fresh snapshots.
 
@@ -1341,6 +1351,7 @@ class Trainer:
                 # below its cap, which halving would leave the step as it was).
                 # The fresh sample only judged the step.
                 self._set_flat_parameters(last["parameters"])
+                self._restore_configurations(last.get("sampler_states"))
                 jtj, jtr, loss0 = last["jtj"], last["jtr"], last["loss"]
                 limit, undone = 0.5 * (last.get("moved") or last["limit"]), True
                 undos = last.get("undos", 0) + 1
@@ -1371,6 +1382,10 @@ class Trainer:
         if factor is not None:
             self._imc_last = {
                 "parameters": self._flat_parameters().clone(),
+                # Where the sample behind this step ended, drawn before the step:
+                # an undo starts the next sample there, not in whatever the
+                # overshooting potential made of the fluid (a droplet, say).
+                "sampler_states": copy.deepcopy(self._sampler_states),
                 "jtj": jtj.clone(),
                 "jtr": jtr.clone(),
                 "loss": float(loss0),

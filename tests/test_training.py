@@ -764,6 +764,33 @@ def test_imc_undoes_a_step_that_overshot_and_retakes_it_with_half_the_cap(tmp_pa
         quick_trainer(tmp_path, optimizer="imc", imc_reject_factor=1.0)
 
 
+def test_imc_undo_restarts_sampling_from_the_configurations_the_step_was_computed_from(tmp_path):
+    trainer = quick_trainer(tmp_path, optimizer="imc", imc_reject_factor=2.0, max_potential_change=0.5)
+    jtj = torch.eye(2, dtype=torch.float64)
+    jtr = torch.tensor([-0.01, 0.005], dtype=torch.float64)
+    losses = iter([1.0, 5.0])
+    trainer._residual_jacobian = lambda: (jtj, jtr, next(losses))
+    trainer._loss_noise = lambda: 0.0
+
+    def configuration(value):
+        return {"positions": np.full((4, 3), value), "velocities": np.full((4, 3), -value), "box": np.eye(3)}
+
+    class LiveSampler:
+        def set_state(self, positions, velocities, box):
+            self.state = (positions, velocities, box)
+
+    name = trainer.states[0].name
+    trainer._sampler_states = {name: configuration(1.0)}  # the sample the first step is computed from
+    trainer._imc_step()
+    # The next sample, drawn with the overshooting step, ended somewhere else.
+    trainer._sampler_states = {name: configuration(2.0)}
+    trainer.samplers[name] = live = LiveSampler()
+    assert trainer._imc_step()["undone"]
+    np.testing.assert_array_equal(trainer._sampler_states[name]["positions"], 1.0)
+    np.testing.assert_array_equal(live.state[0], 1.0)
+    np.testing.assert_array_equal(live.state[1], -1.0)
+
+
 def test_imc_keeps_the_step_after_two_undos_and_takes_its_loss_as_the_reference(tmp_path):
     """A reference loss that samples at a quarter of the step still miss by the factor was an outlier."""
     trainer = quick_trainer(tmp_path, optimizer="imc", imc_reject_factor=2.0, max_potential_change=0.5)

@@ -578,7 +578,7 @@ def plot_case(name: str, result: Dict[str, Any], output: Path) -> List[Path]:
                 xlabel=label,
                 ylabel="RDF RMSE at the training state(s), re-simulated",
                 threshold=threshold,
-                title=f"{name}: RDF error vs cost (dotted: IBI's final error)",
+                title=f"{name}: RDF error vs cost\n(dotted: IBI's final error)",
             )
         )
         u_curves = {

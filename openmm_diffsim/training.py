@@ -1392,6 +1392,7 @@ class Trainer:
                 "limit": float(limit),
                 "undos": undos,
             }
+        data_jtj, data_jtr = jtj, jtr  # the linear model of the data, before any penalty joins it
         penalty = self._smoothing_penalty(jtj)
         roughness = None
         if self.options.get("imc_roughness", 0.0) > 0:
@@ -1410,10 +1411,10 @@ class Trainer:
             hole_shrinks += more
         if self._imc_last is not None and factor is not None:
             self._imc_last["moved"] = float(moved)
-            # What the linear model (of the system solved, smoothing left out)
-            # expects the step to remove from the loss: -(2 δ·Jᵀρ + δᵀJᵀJδ).
+            # What the linear model of the data (penalties left out) expects the
+            # step to remove from the loss: -(2 δ·Jᵀρ + δᵀJᵀJδ).
             delta = self._flat_parameters() - before
-            self._imc_last["predicted_drop"] = float(-(2.0 * delta @ jtr + delta @ jtj @ delta))
+            self._imc_last["predicted_drop"] = float(-(2.0 * delta @ data_jtr + delta @ data_jtj @ delta))
             self._imc_last["capped"] = bool(scale < 1.0 and hole_shrinks == 0)  # the cap alone shortened it
         self.snapshots.clear()
         return {

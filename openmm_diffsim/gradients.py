@@ -187,6 +187,14 @@ def _prepare_targets(
     return prepared
 
 
+def _bin_weights(target: _PreparedTarget) -> Tensor:
+    """The target's bin weights normalised to sum 1 (uniform when it has none), as the residuals use them."""
+    n_bins = target.g.shape[0]
+    if target.weights is None:
+        return torch.full((n_bins,), 1.0 / n_bins, dtype=torch.float64)
+    return target.weights / target.weights.sum()
+
+
 def _rdf_loss_terms(g_model: Tensor, targets: List[_PreparedTarget]) -> Tensor:
     return sum(rdf_loss(g_model[k], t.g, t.weights) for k, t in enumerate(targets))
 
@@ -592,12 +600,7 @@ class ReweightingEstimator:
         g_model = torch.einsum("s,stb->tb", weights, self._rdfs[:, rows])
         parts = []
         for k, t in enumerate(targets_prepared):
-            n_bins = t.g.shape[0]
-            if t.weights is None:
-                bin_weights = torch.full((n_bins,), 1.0 / n_bins, dtype=torch.float64)
-            else:
-                bin_weights = t.weights / t.weights.sum()
-            parts.append(torch.sqrt(scale * bin_weights) * (g_model[k] - t.g))
+            parts.append(torch.sqrt(scale * _bin_weights(t)) * (g_model[k] - t.g))
         for _, term_weight, value, target in self._thermodynamic_terms(state, weights, energy, virial):
             parts.append((math.sqrt(term_weight * scale) * (value - target)).reshape(1))
         with torch.no_grad():
@@ -649,12 +652,7 @@ class ReweightingEstimator:
         scale = float(state.weight) * float(loss_weight)
         total = 0.0
         for k, t in enumerate(targets_prepared):
-            n_bins = t.g.shape[0]
-            if t.weights is None:
-                bin_weights = torch.full((n_bins,), 1.0 / n_bins, dtype=torch.float64)
-            else:
-                bin_weights = t.weights / t.weights.sum()
-            total += scale * float((bin_weights * variance_of_mean[k]).sum())
+            total += scale * float((_bin_weights(t) * variance_of_mean[k]).sum())
         return total
 
     def _check_thermodynamic_targets(self, state) -> None:

@@ -637,7 +637,7 @@ class ReweightingEstimator:
         """
         if self._snapshots is None:
             raise RuntimeError("call reset(table, snapshots) or the estimator first")
-        if int(n_blocks) != n_blocks or n_blocks < 2:
+        if isinstance(n_blocks, bool) or not isinstance(n_blocks, (int, np.integer)) or n_blocks < 2:
             raise ValueError(f"n_blocks must be an integer of at least 2, got {n_blocks!r}")
         targets_prepared = _prepare_targets(self._table, targets, self.r, self.target_outside, self.bin_weighting)
         n_frames = self._rdfs.shape[0]

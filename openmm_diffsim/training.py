@@ -307,8 +307,9 @@ class Trainer:
         after which the fresh loss fell by at least half the drop the Newton
         system predicted, the cap grows 1.5× (logged as ``model_ratio``).
         Any other kept step brings the cap back to ``max_potential_change``;
-        an overshoot is undone as usual. None (default): the cap never
-        exceeds ``max_potential_change``. See docs/training.md.
+        an overshoot is undone as usual. At least ``max_potential_change``;
+        None (default): the cap never exceeds ``max_potential_change``. See
+        docs/training.md.
     """
 
     def __init__(
@@ -377,6 +378,11 @@ class Trainer:
             if imc_reject_factor is None:
                 # A grown cap is safe only because an overshoot is undone.
                 raise ValueError("imc_max_cap needs imc_reject_factor (the undo of an overshoot)")
+            if float(imc_max_cap) < float(max_potential_change):
+                raise ValueError(
+                    f"imc_max_cap ({imc_max_cap} kT) is below max_potential_change ({max_potential_change} kT):"
+                    " the cap could never grow"
+                )
         if lr_schedule not in ("constant", "cosine"):
             raise ValueError(f"lr_schedule must be 'constant' or 'cosine', got {lr_schedule!r}")
         for name, value in (("learning_rate", learning_rate),):
@@ -1337,7 +1343,9 @@ class Trainer:
             # in a smeared RDF): only a loss that also exceeds the factor times
             # its own noise says the step overshot.
             noise = self._loss_noise()
-            overshot = loss0 > factor * max(last["loss"], noise)
+            # NaN (a sample of one frame has no block variance): judge by the loss alone.
+            floor = noise if math.isfinite(noise) else 0.0
+            overshot = loss0 > factor * max(last["loss"], floor)
             if overshot and last.get("undos", 0) >= IMC_MAX_UNDOS:
                 # The step was retaken at a quarter of its length or less and the
                 # fresh loss still exceeds the reference: the reference sample was

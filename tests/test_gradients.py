@@ -222,8 +222,9 @@ def test_residual_noise_predicts_the_loss_of_an_exact_model_with_correlated_fram
     assert 0.65 < np.mean(losses) / np.mean(noises) < 1.5
     # Weighting the state scales it as it scales the loss; too few blocks is refused.
     assert estimator.residual_noise(state, [target], loss_weight=3.0) == pytest.approx(3.0 * noises[-1])
-    with pytest.raises(ValueError, match="n_blocks"):
-        estimator.residual_noise(state, [target], n_blocks=1)
+    for bad in (1, 2.5, "ten", True):
+        with pytest.raises(ValueError, match="n_blocks"):
+            estimator.residual_noise(state, [target], n_blocks=bad)
 
 
 def test_pressure_term_matches_virial_pressure(lj_samples):

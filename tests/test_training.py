@@ -824,6 +824,12 @@ def test_imc_keeps_a_step_whose_loss_rose_only_as_far_as_sampling_noise_reaches(
     # 1.0 > 2 x 0.3 but < 2 x 0.6: kept. 1.3 after 1.0: kept. 4.0 > 2 x max(1.3, 0.6): undone.
     assert [s["undone"] for s in steps] == [False, False, False, True]
     assert steps[0]["loss_noise"] is None and steps[3]["loss_noise"] == 0.6
+    # No noise estimate (NaN: a one-frame sample): the loss alone decides.
+    trainer = quick_trainer(tmp_path, optimizer="imc", imc_reject_factor=2.0, max_potential_change=0.5)
+    losses = iter([1.0, 3.0])
+    trainer._residual_jacobian = lambda: (jtj, jtr, next(losses))
+    trainer._loss_noise = lambda: float("nan")
+    assert [trainer._imc_step()["undone"] for _ in range(2)] == [False, True]
 
 
 def test_imc_cap_grows_past_max_potential_change_while_the_linear_model_holds(tmp_path):
@@ -861,6 +867,8 @@ def test_imc_cap_grows_past_max_potential_change_while_the_linear_model_holds(tm
         quick_trainer(tmp_path, optimizer="imc", imc_max_cap=1.0)
     with pytest.raises(ValueError, match="imc_max_cap"):
         quick_trainer(tmp_path, optimizer="imc", imc_reject_factor=2.0, imc_max_cap=-1.0)
+    with pytest.raises(ValueError, match="below max_potential_change"):
+        quick_trainer(tmp_path, optimizer="imc", imc_reject_factor=2.0, max_potential_change=0.5, imc_max_cap=0.4)
 
 
 def test_imc_with_smoothing_fits_a_spline_to_a_simulated_rdf(tmp_path):

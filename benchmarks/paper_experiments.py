@@ -31,8 +31,12 @@ the damping), ``imc-steady`` (``imc-smooth`` with damping 1e-4), ``imc-trust``
 (``imc-smooth`` that undoes a step after which the loss doubled,
 ``imc_reject_factor``), ``imc-counting`` (``imc-steady`` with counting
 weights), ``imc-pool`` (``imc-counting`` whose steps pool the last samples,
-``imc_pool``) and ``ibi`` (:class:`~openmm_diffsim.ibi.IBI`). Methods not run keep
-their earlier results in ``results.json``. Every method starts from the same
+``imc_pool``), ``imc-grow`` (``imc-trust`` whose cap grows up to 2 kT while
+the fresh losses fall as predicted, ``imc_max_cap``), ``imc-cautious``
+(``imc-grow`` with its cap starting at 0.25 kT) and ``ibi``
+(:class:`~openmm_diffsim.ibi.IBI`). Methods not run keep their earlier results
+in ``results.json``. ``--seeds K`` trains and evaluates every method K times
+and reports means, standard deviations and the goal per seed. Every method starts from the same
 potential: cubic splines (knots every 0.05σ from where the target first
 exceeds g = 0.01 to the cutoff) set to the Boltzmann inversion of the training
 targets, samples with the same OpenMM sampler (tabulated backend, Langevin,
@@ -100,6 +104,7 @@ METHODS = (
     "imc-counting",
     "imc-pool",
     "imc-grow",
+    "imc-cautious",
     "ibi",
 )
 
@@ -182,6 +187,10 @@ METHOD_SETTINGS["imc-pool"] = dict(METHOD_SETTINGS["imc-counting"], imc_pool=4)
 # fall as the Newton system predicts: far from the answer the cap, not the
 # step, set the pace (three temperatures at once: six capped steps).
 METHOD_SETTINGS["imc-grow"] = dict(METHOD_SETTINGS["imc-trust"], imc_max_cap=2.0)
+# imc-grow whose cap starts at 0.25 kT: on the LJ state near its critical point
+# the first step at 0.45 kT raised the loss 8-50x in all 7 runs (undone and
+# retaken at ~0.2 kT, which held); the cap grows as before where steps succeed.
+METHOD_SETTINGS["imc-cautious"] = dict(METHOD_SETTINGS["imc-grow"], max_potential_change=0.25)
 
 
 # -- cases ---------------------------------------------------------------------------------------------------
@@ -413,7 +422,18 @@ def train(method: str, table: PairTable, states, epochs: int, output: Path, seed
 # -- one case ----------------------------------------------------------------------------------------------------
 
 
-def run_case(name: str, case, methods, scale: str, output: Path, platform: Optional[str]) -> Dict[str, Any]:
+#: Evaluation seeds of the i-th training seed are offset by i * SEED_STRIDE (i = 0: the single-seed seeds).
+SEED_STRIDE = 10000
+#: Training seed of the first run; the i-th of ``--seeds`` uses FIRST_TRAINING_SEED + i.
+FIRST_TRAINING_SEED = 11
+
+
+def run_case(
+    name: str, case, methods, scale: str, output: Path, platform: Optional[str], seeds: int = 1
+) -> Dict[str, Any]:
+    """Every method on one case; with ``seeds`` > 1 each method is trained and evaluated ``seeds`` times
+    (training seeds 11, 12, ..., evaluation seeds offset by SEED_STRIDE) and the entry holds the means,
+    the per-seed entries under ``"seeds"``."""
     spec = SCALES[scale]
     print(f"\n=== {name}: train {[s.name for s in case['train']]}, test {[s.name for s in case['test']]} ===")
     target_seconds = attach_targets(name, case, scale, output / "targets", platform)
@@ -425,86 +445,205 @@ def run_case(name: str, case, methods, scale: str, output: Path, platform: Optio
         "test_states": [s.name for s in test_states],
         "n_particles": train_states[0].n_particles,
         "target_seconds": target_seconds,
+        "n_seeds": seeds,
         "methods": {},
     }
-    # The noise floor: the truth re-simulated with the evaluation protocol.
-    noise_train = evaluate_states(truth, train_states, scale, 7000, platform)
-    noise_test = evaluate_states(truth, test_states, scale, 7100, platform)
+    # The noise floor: the truth re-simulated with the evaluation protocol (once per seed).
+    noise_runs = [
+        (
+            evaluate_states(truth, train_states, scale, 7000 + SEED_STRIDE * i, platform),
+            evaluate_states(truth, test_states, scale, 7100 + SEED_STRIDE * i, platform),
+        )
+        for i in range(seeds)
+    ]
     result["noise"] = {
-        "train_rmse": mean_of(noise_train, "rmse"),
-        "test_rmse": mean_of(noise_test, "rmse"),
-        "per_state": {**noise_train, **noise_test},
+        "train_rmse": _mean([mean_of(train, "rmse") for train, _ in noise_runs]),
+        "test_rmse": _mean([mean_of(test, "rmse") for _, test in noise_runs]),
+        "per_state": _mean_per_state([{**train, **test} for train, test in noise_runs]),
     }
-    initial_eval = evaluate_states(initial, train_states, scale, 8000, platform)
+    if seeds > 1:
+        result["noise"]["train_rmse_seeds"] = [mean_of(train, "rmse") for train, _ in noise_runs]
+    initial_rmse = [
+        mean_of(evaluate_states(initial, train_states, scale, 8000 + SEED_STRIDE * i, platform), "rmse")
+        for i in range(seeds)
+    ]
     result["initial"] = {
-        "train_rmse": mean_of(initial_eval, "rmse"),
+        "train_rmse": _mean(initial_rmse),
         "u_error": potential_error(initial, truth, train_states),
     }
     for method in methods:
         epochs = spec["epochs"][method]
-        print(f"--- {name} / {method}: {epochs} epochs")
-        run, saved = train(
-            method,
-            copy.deepcopy(initial),
-            train_states,
-            epochs,
-            output / name / method,
-            seed=11,
-            platform=platform,
-            points=spec["curve_points"],
-        )
-        curve = [
-            dict(
-                epoch=0,
-                md_steps=0,
-                rollout_replica_steps=0,
-                wall_time=0.0,
-                cpu_time=0.0,
-                train_rmse=result["initial"]["train_rmse"],
-                u_rms_kT=result["initial"]["u_error"]["rms_kT"],
-            )
-        ]
-        final_train = evaluate_states(run.table, train_states, scale, 9000, platform)
-        final_test = evaluate_states(run.table, test_states, scale, 9100, platform)
-        for k, point in enumerate(saved):
-            # The last saved potential is the final one: reuse its evaluation.
-            last = point["epoch"] == run.epoch
-            errors = (
-                final_train if last else evaluate_states(point["table"], train_states, scale, 8000 + 100 * k, platform)
-            )
-            curve.append(
-                dict(
-                    {
-                        key: point[key]
-                        for key in ("epoch", "md_steps", "rollout_replica_steps", "wall_time", "cpu_time")
-                    },
-                    train_rmse=mean_of(errors, "rmse"),
-                    train_mean_abs=mean_of(errors, "mean_abs"),
-                    u_rms_kT=potential_error(point["table"], truth, train_states)["rms_kT"],
+        runs = []
+        for i in range(seeds):
+            label = f" (seed {i + 1} of {seeds})" if seeds > 1 else ""
+            print(f"--- {name} / {method}: {epochs} epochs{label}")
+            folder = output / name / method if seeds == 1 else output / name / method / f"seed-{i + 1}"
+            runs.append(
+                train_and_evaluate(
+                    method,
+                    initial,
+                    truth,
+                    train_states,
+                    test_states,
+                    scale,
+                    folder,
+                    seed_index=i,
+                    initial_rmse=initial_rmse[i],
+                    platform=platform,
                 )
             )
-        entry = {
-            "epochs": run.epoch,
-            "train_rmse": mean_of(final_train, "rmse"),
-            "train_mean_abs": mean_of(final_train, "mean_abs"),
-            "test_rmse": mean_of(final_test, "rmse"),
-            "test_mean_abs": mean_of(final_test, "mean_abs"),
-            "per_state": {**final_train, **final_test},
-            "u_error": potential_error(run.table, truth, train_states),
-            "md_steps": run.md_steps,
-            "rollout_replica_steps": saved[-1]["rollout_replica_steps"] if saved else 0,
-            "wall_time": run.wall_time,
-            "cpu_time": run.cpu_time,
-            "curve": curve,
-        }
+        entry = runs[0] if seeds == 1 else aggregate_seeds(runs)
         result["methods"][method] = entry
+        spread = f" (mean of {seeds} seeds)" if seeds > 1 else ""
         print(
-            f"    {method}: train RMSE {entry['train_rmse']:.4f}, test RMSE "
+            f"    {method}{spread}: train RMSE {entry['train_rmse']:.4f}, test RMSE "
             f"{entry['test_rmse'] if entry['test_rmse'] is None else round(entry['test_rmse'], 4)}, "
             f"u rms {entry['u_error']['rms_kT']:.3f} kT, {entry['md_steps']} MD steps, {entry['wall_time']:.0f} s"
         )
-    result["goal"] = time_to_accuracy_goal(result["methods"])
+    result["goal"] = case_goal(result["methods"])
     return result
+
+
+def train_and_evaluate(
+    method: str,
+    initial: PairTable,
+    truth: PairTable,
+    train_states,
+    test_states,
+    scale: str,
+    folder: Path,
+    seed_index: int,
+    initial_rmse: float,
+    platform: Optional[str],
+) -> Dict[str, Any]:
+    """One training run from ``initial`` and the re-simulation of its saved potentials: one method's entry."""
+    spec = SCALES[scale]
+    offset = SEED_STRIDE * seed_index
+    run, saved = train(
+        method,
+        copy.deepcopy(initial),
+        train_states,
+        spec["epochs"][method],
+        folder,
+        seed=FIRST_TRAINING_SEED + seed_index,
+        platform=platform,
+        points=spec["curve_points"],
+    )
+    curve = [
+        dict(
+            epoch=0,
+            md_steps=0,
+            rollout_replica_steps=0,
+            wall_time=0.0,
+            cpu_time=0.0,
+            train_rmse=initial_rmse,
+            u_rms_kT=potential_error(initial, truth, train_states)["rms_kT"],
+        )
+    ]
+    final_train = evaluate_states(run.table, train_states, scale, 9000 + offset, platform)
+    final_test = evaluate_states(run.table, test_states, scale, 9100 + offset, platform)
+    for k, point in enumerate(saved):
+        # The last saved potential is the final one: reuse its evaluation.
+        last = point["epoch"] == run.epoch
+        errors = (
+            final_train
+            if last
+            else evaluate_states(point["table"], train_states, scale, 8000 + 100 * k + offset, platform)
+        )
+        curve.append(
+            dict(
+                {key: point[key] for key in ("epoch", "md_steps", "rollout_replica_steps", "wall_time", "cpu_time")},
+                train_rmse=mean_of(errors, "rmse"),
+                train_mean_abs=mean_of(errors, "mean_abs"),
+                u_rms_kT=potential_error(point["table"], truth, train_states)["rms_kT"],
+            )
+        )
+    return {
+        "epochs": run.epoch,
+        "seed": FIRST_TRAINING_SEED + seed_index,
+        "train_rmse": mean_of(final_train, "rmse"),
+        "train_mean_abs": mean_of(final_train, "mean_abs"),
+        "test_rmse": mean_of(final_test, "rmse"),
+        "test_mean_abs": mean_of(final_test, "mean_abs"),
+        "per_state": {**final_train, **final_test},
+        "u_error": potential_error(run.table, truth, train_states),
+        "md_steps": run.md_steps,
+        "rollout_replica_steps": saved[-1]["rollout_replica_steps"] if saved else 0,
+        "wall_time": run.wall_time,
+        "cpu_time": run.cpu_time,
+        "curve": curve,
+    }
+
+
+def _mean(values) -> Optional[float]:
+    """Mean of numbers; None when there are none or any is None (a case without test states)."""
+    values = list(values)
+    if not values or any(v is None for v in values):
+        return None
+    return float(np.mean(values))
+
+
+def _mean_per_state(runs: List[Dict[str, Dict[str, float]]]) -> Dict[str, Dict[str, float]]:
+    return {state: {key: _mean(run[state][key] for run in runs) for key in runs[0][state]} for state in runs[0]}
+
+
+CURVE_COST_KEYS = ("md_steps", "rollout_replica_steps", "wall_time", "cpu_time")
+CURVE_ERROR_KEYS = ("train_rmse", "train_mean_abs", "u_rms_kT")
+
+
+def aggregate_seeds(runs: List[Dict[str, Any]]) -> Dict[str, Any]:
+    """One entry from several seeds' entries of one method: means, standard deviations, curve bands.
+
+    The curves are averaged point by point, so every seed must save its potentials after the same
+    epochs. Each averaged curve point also holds the lowest and highest error over the seeds
+    (``train_rmse_min``, ``train_rmse_max``, ...). The seeds' own entries are kept under ``"seeds"``.
+    """
+    if len(runs) < 2:
+        raise ValueError(f"aggregate_seeds needs at least 2 runs, got {len(runs)}")
+    grids = [[p["epoch"] for p in run["curve"]] for run in runs]
+    if any(grid != grids[0] for grid in grids):
+        raise ValueError(f"the seeds saved their potentials after different epochs: {grids}")
+    out: Dict[str, Any] = {
+        key: _mean(run[key] for run in runs)
+        for key in ("train_rmse", "train_mean_abs", "test_rmse", "test_mean_abs", "wall_time", "cpu_time")
+    }
+    out["epochs"] = max(run["epochs"] for run in runs)
+    out["md_steps"] = int(round(float(np.mean([run["md_steps"] for run in runs]))))
+    out["rollout_replica_steps"] = int(round(float(np.mean([run["rollout_replica_steps"] for run in runs]))))
+    out["u_error"] = {key: _mean(run["u_error"][key] for run in runs) for key in runs[0]["u_error"]}
+    out["per_state"] = _mean_per_state([run["per_state"] for run in runs])
+    out["sd"] = {
+        "train_rmse": float(np.std([run["train_rmse"] for run in runs], ddof=1)),
+        "u_rms_kT": float(np.std([run["u_error"]["rms_kT"] for run in runs], ddof=1)),
+    }
+    curve = []
+    for j, epoch in enumerate(grids[0]):
+        points = [run["curve"][j] for run in runs]
+        point: Dict[str, Any] = {"epoch": epoch}
+        for key in CURVE_COST_KEYS + CURVE_ERROR_KEYS:
+            if all(key in p and p[key] is not None for p in points):
+                values = [float(p[key]) for p in points]
+                point[key] = float(np.mean(values))
+                if key in CURVE_ERROR_KEYS:
+                    point[f"{key}_min"], point[f"{key}_max"] = min(values), max(values)
+        curve.append(point)
+    out["curve"] = curve
+    out["seeds"] = runs
+    return out
+
+
+def case_goal(methods: Dict[str, Any]) -> Optional[Dict[str, Any]]:
+    """The time-to-accuracy goal on the (seed-averaged) curves, and, with seeds, on each seed's own runs."""
+    goal = time_to_accuracy_goal(methods)
+    if goal is None:
+        return None
+    counts = {len(entry.get("seeds", [])) for entry in methods.values()}
+    if len(counts) == 1 and counts != {0}:
+        (n,) = counts
+        per_seed = [time_to_accuracy_goal({m: e["seeds"][i] for m, e in methods.items()}) for i in range(n)]
+        goal["per_seed_goal_met_by"] = [g["goal_met_by"] for g in per_seed]
+        goal["per_seed"] = per_seed
+    return goal
 
 
 def _first_reaching(curve, level: float, key: str) -> Optional[Dict[str, Any]]:
@@ -571,6 +710,8 @@ def plot_case(name: str, result: Dict[str, Any], output: Path) -> List[Path]:
             m: (np.array([key(p) for p in e["curve"]], dtype=float), np.array([p["train_rmse"] for p in e["curve"]]))
             for m, e in methods.items()
         }
+        seeds = result.get("n_seeds", 1)
+        averaged = f"\nmean of {seeds} seeds (band: lowest to highest)" if seeds > 1 else ""
         written.append(
             plot_time_to_accuracy(
                 output / f"{name}_time_to_accuracy_{axis}.png",
@@ -578,7 +719,8 @@ def plot_case(name: str, result: Dict[str, Any], output: Path) -> List[Path]:
                 xlabel=label,
                 ylabel="RDF RMSE at the training state(s), re-simulated",
                 threshold=threshold,
-                title=f"{name}: RDF error vs cost\n(dotted: IBI's final error)",
+                title=f"{name}: RDF error vs cost{averaged}\n(dotted: IBI's final error)",
+                spread=_bands(methods, key, "train_rmse"),
             )
         )
         u_curves = {
@@ -591,10 +733,23 @@ def plot_case(name: str, result: Dict[str, Any], output: Path) -> List[Path]:
                 u_curves,
                 xlabel=label,
                 ylabel="u(r) rms error vs truth (kT)",
-                title=f"{name}: potential error vs cost",
+                title=f"{name}: potential error vs cost{averaged}",
+                spread=_bands(methods, key, "u_rms_kT"),
             )
         )
     return written
+
+
+def _bands(methods, cost, error: str) -> Dict[str, tuple]:
+    """Lowest-to-highest error bands of the seed-averaged curves (methods run with one seed have none)."""
+    bands = {}
+    for m, e in methods.items():
+        if all(f"{error}_min" in p for p in e["curve"]):
+            x = np.array([cost(p) for p in e["curve"]], dtype=float)
+            low = np.array([p[f"{error}_min"] for p in e["curve"]])
+            high = np.array([p[f"{error}_max"] for p in e["curve"]])
+            bands[m] = (x, low, high)
+    return bands
 
 
 def _fmt(value, digits=4):
@@ -623,11 +778,17 @@ def markdown_table(results: Dict[str, Any], scale_notes: Dict[str, Any]) -> str:
             f"| {_fmt(init['u_error']['rms_kT'], 3)} | | 0 | 0 | 0 | 0 |"
         )
         for method, e in result["methods"].items():
+            sd = e.get("sd", {})
+            seeds = f" (mean of {len(e['seeds'])} seeds)" if "seeds" in e else ""
+            train = _fmt(e["train_rmse"]) + (f" ± {sd['train_rmse']:.4f}" if sd else "")
+            u_rms = _fmt(e["u_error"]["rms_kT"], 3) + (f" ± {sd['u_rms_kT']:.3f}" if sd else "")
             lines.append(
-                f"| {name} | {method} | {_fmt(e['train_rmse'])} | {_fmt(e['train_mean_abs'])} | {_fmt(e['test_rmse'])} "
-                f"| {_fmt(e['test_mean_abs'])} | {_fmt(e['u_error']['rms_kT'], 3)} | {_fmt(e['u_error']['max_kT'], 3)} "
+                f"| {name} | {method}{seeds} | {train} | {_fmt(e['train_mean_abs'])} | {_fmt(e['test_rmse'])} "
+                f"| {_fmt(e['test_mean_abs'])} | {u_rms} | {_fmt(e['u_error']['max_kT'], 3)} "
                 f"| {e['md_steps']} | {e['rollout_replica_steps']} | {e['wall_time']:.0f} | {e['cpu_time']:.0f} |"
             )
+    lines.append("")
+    lines.append("Rows of several seeds: mean ± standard deviation over the seeds.")
     lines.append("")
     lines.append(f"Settings: {json.dumps(scale_notes)}")
     return "\n".join(lines) + "\n"
@@ -650,7 +811,17 @@ def main(argv=None) -> int:
         help="potentials saved (and re-simulated) per method along the time-to-accuracy curve "
         "(default: the scale's; more points place the crossing of IBI's final error more exactly)",
     )
+    parser.add_argument(
+        "--seeds",
+        type=int,
+        default=1,
+        metavar="K",
+        help="train and evaluate every method K times (training seeds 11, 12, ...; evaluation seeds offset too) "
+        "and report the means, the spread and the goal per seed",
+    )
     args = parser.parse_args(argv)
+    if args.seeds < 1:
+        parser.error(f"--seeds takes a positive integer, got {args.seeds}")
     scale = "quick" if args.quick else args.scale
     for item in args.epochs:
         method, _, value = item.partition("=")
@@ -677,15 +848,16 @@ def main(argv=None) -> int:
         "rdf_grid": RDF_GRID,
         "sampler": SAMPLER,
         "knot_spacing": KNOT_SPACING,
+        "seeds": args.seeds,
     }
     for name in names:
         previous = results.get(name, {}).get("methods", {})
-        results[name] = run_case(name, cases[name], args.methods, scale, output, args.platform)
+        results[name] = run_case(name, cases[name], args.methods, scale, output, args.platform, seeds=args.seeds)
         # Methods not run this time keep their earlier results (same targets, same protocol).
         kept = {m: e for m, e in previous.items() if m not in args.methods}
         if kept:
             results[name]["methods"] = {**kept, **results[name]["methods"]}
-            results[name]["goal"] = time_to_accuracy_goal(results[name]["methods"])
+            results[name]["goal"] = case_goal(results[name]["methods"])
         results[name]["settings"] = settings
         results_file.write_text(json.dumps(results, indent=1))
         plot_case(name, results[name], output)
@@ -693,6 +865,8 @@ def main(argv=None) -> int:
         goal = results[name]["goal"]
         if goal:
             print(f"time-to-accuracy goal for {name}: met by {goal['goal_met_by'] or 'no method'}")
+            if "per_seed_goal_met_by" in goal:
+                print(f"    per seed: {goal['per_seed_goal_met_by']}")
             for method, m in goal["methods"].items():
                 print(f"    {method}: {m}")
     print(f"results in {output}")

@@ -301,6 +301,7 @@ def plot_time_to_accuracy(
     log_x: bool = False,
     threshold: Optional[float] = None,
     title: Optional[str] = None,
+    spread: Optional[Mapping[str, Tuple[Any, Any, Any]]] = None,
 ) -> Path:
     """Error against cost (wall time, MD steps, ...) for several methods on one axis.
 
@@ -318,6 +319,9 @@ def plot_time_to_accuracy(
         Draws the accuracy target as a horizontal line.
     title : str, optional
         Figure title.
+    spread : dict, optional
+        ``{method: (x, low, high)}``: a shaded band in the method's colour, e.g.
+        the lowest and highest error over several seeds around their mean curve.
 
     Returns
     -------
@@ -329,10 +333,26 @@ def plot_time_to_accuracy(
     parsed = {}
     for method, value in curves.items():
         parsed[str(method)] = _curve(value, f"curves[{method!r}]", ("x", "y"))
+    bands = {}
+    for method, value in (spread or {}).items():
+        if str(method) not in parsed:
+            raise ValueError(f"spread[{method!r}] has no curve: methods are {sorted(parsed)}")
+        try:
+            x, low, high = value
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"spread[{method!r}] must be a triple (x, low, high)") from exc
+        x, low = _curve((x, low), f"spread[{method!r}]", ("x", "low"))
+        _, high = _curve((x, high), f"spread[{method!r}]", ("x", "high"))
+        if np.any(low > high):
+            raise ValueError(f"spread[{method!r}]: low exceeds high at some points")
+        bands[str(method)] = (x, low, high)
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(5.5, 4.0))
     for method, (x, y) in parsed.items():
-        ax.plot(x, y, marker="o", ms=3, label=method)
+        (line,) = ax.plot(x, y, marker="o", ms=3, label=method)
+        if method in bands:
+            bx, low, high = bands[method]
+            ax.fill_between(bx, low, high, color=line.get_color(), alpha=0.2, lw=0)
     if all(np.all(y > 0) for _, y in parsed.values()):
         ax.set_yscale("log")
     if log_x:

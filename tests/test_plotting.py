@@ -103,3 +103,19 @@ def test_plot_time_to_accuracy(tmp_path):
     _check_png(path, 550, 400)
     with pytest.raises(ValueError, match=r"curves\['bad'\]: x has shape"):
         plot_time_to_accuracy(tmp_path / "x.png", {"bad": ([1, 2], [1])}, xlabel="s")
+
+
+def test_plot_time_to_accuracy_spread_bands(tmp_path):
+    x = np.array([1.0, 2.0, 4.0])
+    y = np.array([0.3, 0.1, 0.05])
+    plain = plot_time_to_accuracy(tmp_path / "plain.png", {"ibi": (x, y)})
+    banded = plot_time_to_accuracy(tmp_path / "band.png", {"ibi": (x, y)}, spread={"ibi": (x, 0.5 * y, 2.0 * y)})
+    _check_png(banded, 550, 400)
+    # The band is drawn: the two images differ.
+    assert np.abs(mpimg.imread(plain) - mpimg.imread(banded)).max() > 0.1
+    with pytest.raises(ValueError, match="spread\\['imc'\\] has no curve"):
+        plot_time_to_accuracy(tmp_path / "x.png", {"ibi": (x, y)}, spread={"imc": (x, y, y)})
+    with pytest.raises(ValueError, match="low exceeds high"):
+        plot_time_to_accuracy(tmp_path / "x.png", {"ibi": (x, y)}, spread={"ibi": (x, 2 * y, y)})
+    with pytest.raises(ValueError, match="must be a triple"):
+        plot_time_to_accuracy(tmp_path / "x.png", {"ibi": (x, y)}, spread={"ibi": (x, y)})

@@ -1,0 +1,95 @@
+"""Tests for the bookkeeping of benchmarks/paper_experiments.py: seed averaging and the time-to-accuracy goal.
+
+The experiments themselves take minutes to hours; these check, on made-up curves, the arithmetic that
+decides the issue's goal, so that a wrong mean or a wrong crossing cannot pass unnoticed.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "paper_experiments.py"
+
+
+@pytest.fixture(scope="module")
+def paper():
+    spec = importlib.util.spec_from_file_location("paper_experiments", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def entry(rmse, u, steps, seconds, final_u=None):
+    """A method's entry with a curve through (steps, seconds, rmse, u) points after epochs 0, 1, 2, ..."""
+    curve = [
+        dict(epoch=k, md_steps=n, rollout_replica_steps=0, wall_time=t, cpu_time=t, train_rmse=e, u_rms_kT=v)
+        for k, (e, v, n, t) in enumerate(zip(rmse, u, steps, seconds, strict=True))
+    ]
+    return dict(
+        epochs=len(rmse) - 1,
+        train_rmse=rmse[-1],
+        train_mean_abs=rmse[-1] / 2,
+        test_rmse=None,
+        test_mean_abs=None,
+        per_state={"s": {"rmse": rmse[-1], "mean_abs": rmse[-1] / 2}},
+        u_error={"rms_kT": u[-1] if final_u is None else final_u, "max_kT": 3 * u[-1]},
+        md_steps=steps[-1],
+        rollout_replica_steps=0,
+        wall_time=seconds[-1],
+        cpu_time=seconds[-1],
+        curve=curve,
+    )
+
+
+def test_aggregate_seeds_means_spread_and_bands(paper):
+    a = entry([0.1, 0.05, 0.02], [0.5, 0.2, 0.1], [0, 100, 200], [0.0, 1.0, 2.0])
+    b = entry([0.1, 0.03, 0.04], [0.5, 0.3, 0.2], [0, 100, 200], [0.0, 3.0, 4.0])
+    out = paper.aggregate_seeds([a, b])
+    assert out["train_rmse"] == pytest.approx(0.03)
+    assert out["u_error"]["rms_kT"] == pytest.approx(0.15)
+    assert out["sd"]["train_rmse"] == pytest.approx(np.std([0.02, 0.04], ddof=1))
+    assert out["test_rmse"] is None  # no test states: no made-up number
+    assert out["per_state"]["s"]["rmse"] == pytest.approx(0.03)
+    middle = out["curve"][1]
+    assert middle["train_rmse"] == pytest.approx(0.04) and middle["wall_time"] == pytest.approx(2.0)
+    assert (middle["train_rmse_min"], middle["train_rmse_max"]) == (0.03, 0.05)
+    assert (middle["u_rms_kT_min"], middle["u_rms_kT_max"]) == (0.2, 0.3)
+    assert out["seeds"] == [a, b]
+    shorter = entry([0.1, 0.05], [0.5, 0.2], [0, 100], [0.0, 1.0])
+    with pytest.raises(ValueError, match="different epochs"):
+        paper.aggregate_seeds([a, shorter])
+    with pytest.raises(ValueError, match="at least 2 runs"):
+        paper.aggregate_seeds([a])
+
+
+def test_goal_needs_fewer_steps_less_time_and_a_better_potential(paper):
+    ibi = entry([0.1, 0.05, 0.03, 0.02], [0.5, 0.3, 0.1, 0.05], [0, 100, 200, 300], [0.0, 10.0, 20.0, 30.0])
+    fast = entry([0.1, 0.02, 0.02], [0.5, 0.04, 0.03], [0, 150, 300], [0.0, 12.0, 24.0])
+    goal = paper.time_to_accuracy_goal({"ibi": ibi, "imc": fast})
+    assert goal["ibi_final_rmse"] == 0.02 and goal["ibi_steps_to_it"] == 300 and goal["ibi_best_u_rms_kT"] == 0.05
+    assert goal["methods"]["imc"]["steps_to_it"] == 150 and goal["goal_met_by"] == ["imc"]
+    # A potential no better than IBI's best along its whole curve fails, however fast.
+    worse_u = entry([0.1, 0.02, 0.02], [0.5, 0.06, 0.05], [0, 150, 300], [0.0, 12.0, 24.0])
+    assert paper.time_to_accuracy_goal({"ibi": ibi, "imc": worse_u})["goal_met_by"] == []
+    # Fewer steps but more wall time fails.
+    slow = entry([0.1, 0.02, 0.02], [0.5, 0.04, 0.03], [0, 150, 300], [0.0, 31.0, 40.0])
+    assert paper.time_to_accuracy_goal({"ibi": ibi, "imc": slow})["goal_met_by"] == []
+
+
+def test_case_goal_per_seed_and_on_the_mean_curves(paper):
+    ibi_1 = entry([0.1, 0.05, 0.02], [0.5, 0.3, 0.05], [0, 100, 200], [0.0, 10.0, 20.0])
+    ibi_2 = entry([0.1, 0.04, 0.04], [0.5, 0.3, 0.06], [0, 100, 200], [0.0, 10.0, 20.0])
+    imc_1 = entry([0.1, 0.02, 0.02], [0.5, 0.04, 0.04], [0, 50, 100], [0.0, 5.0, 10.0])  # meets it on seed 1
+    imc_2 = entry([0.1, 0.05, 0.05], [0.5, 0.04, 0.04], [0, 50, 100], [0.0, 5.0, 10.0])  # never reaches 0.04
+    methods = {"ibi": paper.aggregate_seeds([ibi_1, ibi_2]), "imc": paper.aggregate_seeds([imc_1, imc_2])}
+    goal = paper.case_goal(methods)
+    assert goal["per_seed_goal_met_by"] == [["imc"], []]
+    # The mean curves: IBI ends at 0.03, imc reaches 0.035 at best, so not met on the means either.
+    assert goal["ibi_final_rmse"] == pytest.approx(0.03)
+    assert goal["methods"]["imc"]["reaches_ibi_rmse"] is False and goal["goal_met_by"] == []
+    # Single-seed entries: no per-seed part.
+    assert "per_seed" not in paper.case_goal({"ibi": ibi_1, "imc": imc_1})

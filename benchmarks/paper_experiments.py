@@ -434,6 +434,8 @@ def run_case(
     """Every method on one case; with ``seeds`` > 1 each method is trained and evaluated ``seeds`` times
     (training seeds 11, 12, ..., evaluation seeds offset by SEED_STRIDE) and the entry holds the means,
     the per-seed entries under ``"seeds"``."""
+    if isinstance(seeds, bool) or not isinstance(seeds, int) or seeds < 1:
+        raise ValueError(f"seeds must be a positive integer, got {seeds!r}")
     spec = SCALES[scale]
     print(f"\n=== {name}: train {[s.name for s in case['train']]}, test {[s.name for s in case['test']]} ===")
     target_seconds = attach_targets(name, case, scale, output / "targets", platform)
@@ -710,8 +712,7 @@ def plot_case(name: str, result: Dict[str, Any], output: Path) -> List[Path]:
             m: (np.array([key(p) for p in e["curve"]], dtype=float), np.array([p["train_rmse"] for p in e["curve"]]))
             for m, e in methods.items()
         }
-        seeds = result.get("n_seeds", 1)
-        averaged = f"\nmean of {seeds} seeds (band: lowest to highest)" if seeds > 1 else ""
+        averaged = _seed_label(methods)
         written.append(
             plot_time_to_accuracy(
                 output / f"{name}_time_to_accuracy_{axis}.png",
@@ -738,6 +739,16 @@ def plot_case(name: str, result: Dict[str, Any], output: Path) -> List[Path]:
             )
         )
     return written
+
+
+def _seed_label(methods: Dict[str, Any]) -> str:
+    """Title line saying what the curves average: methods kept from other invocations may differ in seeds."""
+    counts = {len(e.get("seeds", [])) or 1 for e in methods.values()}
+    if counts == {1}:
+        return ""
+    if len(counts) == 1:
+        return f"\nmean of {counts.pop()} seeds (band: lowest to highest)"
+    return "\nseed means where run with several seeds (band: lowest to highest)"
 
 
 def _bands(methods, cost, error: str) -> Dict[str, tuple]:

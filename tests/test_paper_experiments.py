@@ -93,3 +93,19 @@ def test_case_goal_per_seed_and_on_the_mean_curves(paper):
     assert goal["methods"]["imc"]["reaches_ibi_rmse"] is False and goal["goal_met_by"] == []
     # Single-seed entries: no per-seed part.
     assert "per_seed" not in paper.case_goal({"ibi": ibi_1, "imc": imc_1})
+
+
+def test_plot_title_says_what_the_curves_average(paper):
+    one = entry([0.1, 0.05], [0.5, 0.2], [0, 100], [0.0, 1.0])
+    three = paper.aggregate_seeds([one, one, one])
+    assert paper._seed_label({"ibi": one, "imc": one}) == ""
+    assert "mean of 3 seeds" in paper._seed_label({"ibi": three, "imc": three})
+    # A method kept from a single-seed invocation: the title must not claim three seeds for it.
+    assert "mean of" not in paper._seed_label({"ibi": three, "imc": one})
+
+
+def test_run_case_refuses_a_non_positive_seed_count(paper, tmp_path):
+    case = paper.all_cases(16)["lj"]
+    for bad in (0, -1, 2.5, True):
+        with pytest.raises(ValueError, match="seeds must be a positive integer"):
+            paper.run_case("lj", case, ["ibi"], "quick", tmp_path, None, seeds=bad)

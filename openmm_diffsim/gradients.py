@@ -54,7 +54,7 @@ from .observables import (
     rdf_loss,
 )
 from .potentials import PairTable
-from .targets import BIN_WEIGHTINGS, counting_weights
+from .targets import BIN_WEIGHTINGS, counting_weights, relative_weights
 
 __all__ = [
     "EstimatorResult",
@@ -176,6 +176,8 @@ def _prepare_targets(
             target = target.resample(r, outside=outside)
         if bin_weighting == "counting" and target.weights is None:
             target = counting_weights(target)
+        elif bin_weighting == "relative" and target.weights is None:
+            target = relative_weights(target)
         key = f"{target.pair[0]}-{target.pair[1]}"
         if key in seen:
             seen[key] += 1
@@ -304,12 +306,15 @@ class ReweightingEstimator:
         Largest allowed ``|U_hist - U_exact| / kT`` for ``auto``.
     target_outside : str
         ``outside`` argument of :meth:`Target.resample` for off-grid targets.
-    bin_weighting : {"uniform", "counting"}
+    bin_weighting : {"uniform", "counting", "relative"}
         Per-bin weights of the RDF loss for targets that carry none:
-        ``"uniform"`` (the mean squared error) or ``"counting"``, the inverse
+        ``"uniform"`` (the mean squared error), ``"counting"``, the inverse
         variance of pair counting, w ∝ r² / max(g, 0.05)
         (:func:`~openmm_diffsim.targets.counting_weights`), which weights the
-        repulsive wall by its small noise rather than its small g.
+        repulsive wall by its small noise rather than its small g, or
+        ``"relative"``, w ∝ 1 / max(g, 0.1)² (relative errors of g, as
+        iterative Boltzmann inversion weighs them;
+        :func:`~openmm_diffsim.targets.relative_weights`).
     on_nonfinite : {"reject", "raise"}
         What to do with non-finite weights, losses or gradients.
 
@@ -855,7 +860,7 @@ class RolloutEstimator:
         Weight of ``(⟨U⟩/N - state.energy)^2`` ((kJ/mol)^2) in the loss; 0 disables it.
     target_outside : str
         ``outside`` argument of :meth:`Target.resample` for off-grid targets.
-    bin_weighting : {"uniform", "counting"}
+    bin_weighting : {"uniform", "counting", "relative"}
         Per-bin weights of the RDF loss, as in :class:`ReweightingEstimator`.
     on_nonfinite : {"reject", "raise"}
         Non-finite forces, loss or gradients: report a rejected estimate, or raise

@@ -28,6 +28,8 @@ __all__ = [
     "write_rdf",
     "counting_weights",
     "COUNTING_G_FLOOR",
+    "relative_weights",
+    "RELATIVE_G_FLOOR",
     "BIN_WEIGHTINGS",
 ]
 
@@ -240,9 +242,13 @@ class Target:
 
 
 #: Per-bin weightings of the RDF loss for targets without weights of their own
-#: (estimator option ``bin_weighting``): the plain mean squared error, or
-#: :func:`counting_weights`.
-BIN_WEIGHTINGS = ("uniform", "counting")
+#: (estimator option ``bin_weighting``): the plain mean squared error,
+#: :func:`counting_weights` or :func:`relative_weights`.
+BIN_WEIGHTINGS = ("uniform", "counting", "relative")
+
+#: Default floor of g in :func:`relative_weights` (the potential-error region of
+#: the experiments: below it a bin's relative error is mostly counting noise).
+RELATIVE_G_FLOOR = 0.1
 
 #: Default floor of g in :func:`counting_weights` (where the target is smaller, the
 #: model's own counts set the noise, so the target's near-zero variance is not trusted).
@@ -286,6 +292,46 @@ def counting_weights(target: Target, g_floor: float = COUNTING_G_FLOOR) -> Targe
         raise ValueError(f"g_floor must be a positive number, got {g_floor}")
     weights = target.r**2 / np.maximum(target.g, g_floor)
     weights = weights / weights.mean()  # not all zero: r is strictly increasing and non-negative
+    return Target(target.r.copy(), target.g.copy(), target.pair, target.state, weights)
+
+
+def relative_weights(target: Target, g_floor: float = RELATIVE_G_FLOOR) -> Target:
+    """The target with weights w(r) ∝ 1 / max(g(r), g_floor)²: the loss on relative errors of g.
+
+    With these weights each bin counts by its relative error Δg/g, which is
+    Δ ln g, the change of the potential of mean force w(r) = -kT ln g(r) in
+    units of kT. A potential wrong by Δu at the repulsive wall changes g there
+    by about g Δu/kT: small in absolute terms where g is small, so the
+    uniform loss (and the counting weights, ∝ r²/g) let the large, slow
+    fluctuations of the first peak near a phase boundary outweigh it.
+    Iterative Boltzmann inversion corrects every bin by its own ln(g/g_target);
+    these weights give a Newton step the same scale. The cost: relative
+    errors of the low-g bins are noisier than the counting model weights them.
+
+    Parameters
+    ----------
+    target : Target
+        The target; an existing ``weights`` array is replaced.
+    g_floor : float
+        Smallest g used (positive): the bins below it, the wall's foot and the
+        excluded core, all weigh 1/g_floor², so the weights stay finite where
+        g = 0 and the noisiest relative errors do not dominate.
+
+    Returns
+    -------
+    Target
+        A copy with ``weights`` of shape (M,), mean 1 over the points.
+
+    Raises
+    ------
+    ValueError
+        If ``g_floor`` is not a positive finite number.
+    """
+    g_floor = float(g_floor)
+    if not np.isfinite(g_floor) or g_floor <= 0:
+        raise ValueError(f"g_floor must be a positive number, got {g_floor}")
+    weights = 1.0 / np.maximum(target.g, g_floor) ** 2
+    weights = weights / weights.mean()
     return Target(target.r.copy(), target.g.copy(), target.pair, target.state, weights)
 
 

@@ -285,6 +285,14 @@ class Trainer:
         the reference (logged as ``rebased``): a loss that steps of a quarter
         of the length still cannot reach came from an outlying sample.
         None (default): every step is kept.
+    imc_check_last : bool
+        ``optimizer="imc"`` with ``imc_reject_factor``: when training ends,
+        draw one more sample to judge the last step, which no epoch has
+        sampled yet, and undo it by the same rule if it overshot (logged as
+        ``final_check`` in the last epoch's record; its MD steps and time
+        count in ``md_steps`` and ``wall_time``). The returned potential is
+        then always one whose fresh loss was measured. True (default); False
+        returns the last step unjudged and saves the sample.
     imc_pool : int
         ``optimizer="imc"``: pool the residuals and Jacobians of up to this
         many recent samples into each Newton step (a linear model fitted to
@@ -350,6 +358,7 @@ class Trainer:
         imc_pool: int = 1,
         imc_pool_radius: float = 0.25,
         imc_max_cap: Optional[float] = None,
+        imc_check_last: bool = True,
     ):
         states = check_fit_inputs(table, states, "Trainer")
         if isinstance(estimator, str) and estimator not in ESTIMATORS:
@@ -370,6 +379,8 @@ class Trainer:
             raise ValueError(f"imc_reject_factor must be a number above 1 (or None), got {imc_reject_factor}")
         if isinstance(imc_pool, bool) or int(imc_pool) != imc_pool or imc_pool < 1:
             raise ValueError(f"imc_pool must be a positive integer (1: no pooling), got {imc_pool!r}")
+        if not isinstance(imc_check_last, bool):
+            raise ValueError(f"imc_check_last must be True or False, got {imc_check_last!r}")
         if not (math.isfinite(float(imc_pool_radius)) and float(imc_pool_radius) > 0):
             raise ValueError(f"imc_pool_radius must be a positive number (kT), got {imc_pool_radius}")
         if imc_max_cap is not None:
@@ -414,6 +425,7 @@ class Trainer:
             imc_pool=int(imc_pool),
             imc_pool_radius=float(imc_pool_radius),
             imc_max_cap=None if imc_max_cap is None else float(imc_max_cap),
+            imc_check_last=imc_check_last,
             max_potential_change=float(max_potential_change),
             average_last=int(average_last),
             max_epochs=int(max_epochs),
@@ -629,35 +641,8 @@ class Trainer:
         start = time.perf_counter()
         steps_before = self.md_steps
         self.optimizer.zero_grad(set_to_none=True)
-        total = 0.0
-        record: Dict[str, Any] = {
-            "epoch": self.epoch,
-            "state_losses": {},
-            "rdf_rmse": {},
-            "n_eff": {},
-            "resampled": {},
-            "events": [],
-        }
-        results = {}
-        if self._dist is not None:
-            total, results = self._distributed_states(record)
-        for state in self.states if self._dist is None else ():
-            result, resampled = self._state_gradient(state, fresh_needed=False)
-            if result.diagnostics.get("rejected"):
-                raise NonFiniteError(f"state {state.name!r}: {result.diagnostics.get('reason', 'rejected')}")
-            if not math.isfinite(result.loss):
-                raise NonFiniteError(f"state {state.name!r}: loss is not finite")
-            results[state.name] = result
-            total += result.loss
-            record["state_losses"][state.name] = result.loss
-            record["rdf_rmse"][state.name] = dict(result.rdf_rmse)
-            record["n_eff"][state.name] = result.diagnostics.get("n_eff_fraction")
-            record["resampled"][state.name] = resampled
-            for key in ("pressure", "energy"):
-                if result.diagnostics.get(key) is not None:
-                    record.setdefault(key, {})[state.name] = float(result.diagnostics[key])
-            # Torch rollout steps are counted apart from OpenMM MD steps.
-            self.rollout_steps += int(result.diagnostics.get("steps_run", 0) or 0)
+        record = self._new_record()
+        total, results = self._measure_states(record)
         for p in self._trainable():
             if p.grad is not None and not bool(torch.isfinite(p.grad).all()):
                 raise NonFiniteError("non-finite gradient")
@@ -689,6 +674,39 @@ class Trainer:
         record["epoch_seconds"] = time.perf_counter() - start
         self._last_results = results
         return record
+
+    def _new_record(self) -> Dict[str, Any]:
+        return {"epoch": self.epoch, "state_losses": {}, "rdf_rmse": {}, "n_eff": {}, "resampled": {}, "events": []}
+
+    def _measure_states(self, record: Dict[str, Any]) -> Tuple[float, Dict[str, Any]]:
+        """Every state's loss and gradient at the current parameters (sampling where needed).
+
+        Fills ``record`` (losses, RDF RMSEs, N_eff, resampling, pressure and
+        energy per state) and returns the total loss and the per-state results.
+        """
+        from .gradients import NonFiniteError
+
+        if self._dist is not None:
+            return self._distributed_states(record)
+        total, results = 0.0, {}
+        for state in self.states:
+            result, resampled = self._state_gradient(state, fresh_needed=False)
+            if result.diagnostics.get("rejected"):
+                raise NonFiniteError(f"state {state.name!r}: {result.diagnostics.get('reason', 'rejected')}")
+            if not math.isfinite(result.loss):
+                raise NonFiniteError(f"state {state.name!r}: loss is not finite")
+            results[state.name] = result
+            total += result.loss
+            record["state_losses"][state.name] = result.loss
+            record["rdf_rmse"][state.name] = dict(result.rdf_rmse)
+            record["n_eff"][state.name] = result.diagnostics.get("n_eff_fraction")
+            record["resampled"][state.name] = resampled
+            for key in ("pressure", "energy"):
+                if result.diagnostics.get(key) is not None:
+                    record.setdefault(key, {})[state.name] = float(result.diagnostics[key])
+            # Torch rollout steps are counted apart from OpenMM MD steps.
+            self.rollout_steps += int(result.diagnostics.get("steps_run", 0) or 0)
+        return total, results
 
     # -- several processes (see distributed.py) -------------------------------------------
 
@@ -1307,6 +1325,92 @@ class Trainer:
             if sampler is not None:
                 sampler.set_state(saved["positions"], saved["velocities"], saved["box"])
 
+    def _imc_overshot(self, loss: float, last: Dict[str, Any]) -> Tuple[bool, float]:
+        """``imc_reject_factor``: did the step ``last`` overshoot, judged by the fresh ``loss``? Also the noise.
+
+        A loss near its sampling noise scatters by a factor of two or more
+        between samples of the same potential (few independent directions in
+        a smeared RDF): only a loss that also exceeds the factor times its own
+        noise says the step overshot.
+        """
+        noise = self._loss_noise()
+        # NaN (a sample of one frame has no block variance): judge by the loss alone.
+        floor = noise if math.isfinite(noise) else 0.0
+        return loss > self.options["imc_reject_factor"] * max(last["loss"], floor), noise
+
+    def _check_last_imc_step(self) -> None:
+        """``imc_check_last``: judge the last IMC step by a fresh sample, and undo it if it overshot.
+
+        Every other step is judged by the sample the next epoch draws; the
+        last has none. The rule is the epoch's (:meth:`_imc_overshot`, kept
+        after ``IMC_MAX_UNDOS`` undos in a row); a sample that fails (the
+        potential blew up) counts as an overshoot. A kept step keeps its
+        sample, so a continued fit starts from it without sampling again.
+        Logged as ``final_check`` in the last epoch's record.
+        """
+        from .gradients import NonFiniteError
+        from .sampling import SamplingError
+
+        last = self._imc_last
+        if (
+            self.options["optimizer"] != "imc"
+            or self.options.get("imc_reject_factor") is None
+            or not self.options.get("imc_check_last", True)
+            or last is None
+            or last.get("checked")
+            or not self.history
+        ):
+            return
+        start = time.perf_counter()
+        steps_before = self.md_steps
+        self.optimizer.zero_grad(set_to_none=True)
+        record = self._new_record()
+        loss = noise = failure = None
+        overshot = rebased = False
+        try:
+            loss, results = self._measure_states(record)
+            overshot, noise = self._imc_overshot(loss, last)
+        except (SamplingError, NonFiniteError, FloatingPointError) as exc:
+            failure = str(exc)
+        self.optimizer.zero_grad(set_to_none=True)  # the check's gradients are no step
+        if overshot and last.get("undos", 0) >= IMC_MAX_UNDOS:
+            rebased = True  # as in an epoch: the reference was the outlier
+        undone = failure is not None or (overshot and not rebased)
+        if undone:
+            self._set_flat_parameters(last["parameters"])
+            self._restore_configurations(last.get("sampler_states"))
+            self.snapshots.clear()
+            if failure is not None:
+                self.samplers.clear()  # rebuilt from the restored configurations
+            if self.options["average_last"] > 1 and self._recent_parameters:
+                self._recent_parameters.pop()  # the iterate that overshot is no result
+            # A continued fit starts from the restored parameters with a first
+            # step's cap: there is no kept step to grow it from.
+            self._imc_last = None
+        else:
+            last["checked"] = True
+            self._last_results = results
+            if loss < self.best_loss:
+                self.best_loss = loss
+                self.best_state = copy.deepcopy(self.table.state_dict())
+        seconds = time.perf_counter() - start
+        self.wall_time += seconds
+        check = {
+            "loss": loss,
+            "loss_before": float(last["loss"]),
+            "loss_noise": noise,
+            "undone": undone,
+            "rebased": rebased,
+            "error": failure,
+            "md_steps": self.md_steps - steps_before,
+            "seconds": seconds,
+        }
+        self.history[-1]["final_check"] = check
+        if self.options["progress"] and self._is_main():
+            measured = f"sampling failed ({failure})" if failure else f"fresh loss {loss:.3e}"
+            verdict = "undone" if undone else ("kept (rebased)" if rebased else "kept")
+            print(f"  final check of the last step: {measured} after {last['loss']:.3e}: {verdict}")
+
     def _imc_step(self) -> Dict[str, Any]:
         """One inverse Monte Carlo step: a damped Newton step, then fresh snapshots.
 
@@ -1338,14 +1442,7 @@ class Trainer:
         last = self._imc_last
         noise = None
         if factor is not None and last is not None:
-            # A loss near its sampling noise scatters by a factor of two or more
-            # between samples of the same potential (few independent directions
-            # in a smeared RDF): only a loss that also exceeds the factor times
-            # its own noise says the step overshot.
-            noise = self._loss_noise()
-            # NaN (a sample of one frame has no block variance): judge by the loss alone.
-            floor = noise if math.isfinite(noise) else 0.0
-            overshot = loss0 > factor * max(last["loss"], floor)
+            overshot, noise = self._imc_overshot(loss0, last)
             if overshot and last.get("undos", 0) >= IMC_MAX_UNDOS:
                 # The step was retaken at a quarter of its length or less and the
                 # fresh loss still exceeds the reference: the reference sample was
@@ -1576,7 +1673,8 @@ class Trainer:
                 self.best_epoch = self.epoch
             if record["loss"] < self.best_loss:
                 self.best_loss = record["loss"]
-                self.best_state = copy.deepcopy(self.table.state_dict())
+                # The loss is that of the potential sampled in this epoch, before its step.
+                self.best_state = good["table"]
             self.epoch += 1
             if self.options["average_last"] > 1:
                 if record.get("imc", {}).get("undone") and self._recent_parameters:
@@ -1596,6 +1694,7 @@ class Trainer:
                     self.plot()
             if self._should_stop(record):
                 break
+        self._check_last_imc_step()
         self._average_recent_iterates()
         if self.output_dir is not None:
             self._write_log()
@@ -1732,6 +1831,7 @@ class Trainer:
         if not isinstance(data, dict) or data.get("format") != "openmm-diffsim-checkpoint-1":
             raise ValueError(f"{path} is not an openmm-diffsim checkpoint")
         options = dict(data["options"])
+        options.setdefault("imc_check_last", True)  # checkpoints written before the option existed
         unknown = set(overrides) - set(options)
         if unknown:
             raise ValueError(f"unknown option(s) to override: {sorted(unknown)}")

@@ -202,9 +202,10 @@ BROKEN = [
     (_set("training/imc_pool", 0), r"training\.imc_pool: must be positive, got 0"),
     (_set("training/imc_pool_radius", -0.1), r"training\.imc_pool_radius: must be positive, got -0\.1"),
     (_set("training/imc_max_cap", 0), r"training\.imc_max_cap: must be positive, got 0"),
+    (_set("training/imc_check_last", 1), r"training\.imc_check_last: must be true or false, got an integer 1"),
     (
         _set("estimator", {"bin_weighting": "poisson"}),
-        r"estimator\.bin_weighting: must be one of uniform, counting, got 'poisson'",
+        r"estimator\.bin_weighting: must be one of uniform, counting, relative, got 'poisson'",
     ),
 ]
 
@@ -511,3 +512,10 @@ def test_documented_example_is_the_example_config():
     text = doc.read_text()
     block = text.split("```toml\n", 1)[1].split("```", 1)[0]
     assert block == example_config()
+
+
+def test_imc_check_last_reaches_the_trainer(tmp_path):
+    data = copy.deepcopy(_base())
+    assert "imc_check_last" not in parse_config(data, tmp_path).trainer  # the Trainer's default (true) applies
+    data["training"]["imc_check_last"] = False
+    assert parse_config(data, tmp_path).trainer["imc_check_last"] is False

@@ -349,6 +349,29 @@ def test_counting_bin_weighting_equals_explicit_counting_weights(lj_samples):
             cls(bin_weighting="poisson")
 
 
+def test_relative_bin_weighting_equals_explicit_relative_weights(lj_samples):
+    """bin_weighting="relative" is the loss and gradient of the same target carrying relative_weights."""
+    from openmm_diffsim.targets import relative_weights
+
+    state, snapshots = lj_samples
+    r = bin_centres()
+    plain = Target(r, np.where(r > SIGMA, 1.1 + 0.3 * np.sin(10 * r), 0.0), pair=("Ar", "Ar"))
+    results = {}
+    for key, weighting, target in (
+        ("option", "relative", plain),
+        ("explicit", "uniform", relative_weights(plain)),
+        ("counting", "counting", plain),
+    ):
+        table = lj_table(sigma=0.345)
+        estimator = ReweightingEstimator(**GRID, bin_weighting=weighting)
+        estimator.reset(lj_table(), snapshots, state)
+        result = estimator(table, state, snapshots, [target])
+        results[key] = (result.loss, torch.stack([p.grad.clone() for p in table.parameters()]))
+    assert results["option"][0] == pytest.approx(results["explicit"][0], rel=1e-12)
+    torch.testing.assert_close(results["option"][1], results["explicit"][1], rtol=1e-10, atol=0)
+    assert results["option"][0] != pytest.approx(results["counting"][0], rel=0.05)
+
+
 def test_rollout_estimator_adjoint_equals_backprop_and_accumulates(lj_samples):
     state, snapshots = lj_samples
     targets = [flat_target(1.1)]

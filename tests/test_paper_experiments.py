@@ -109,3 +109,42 @@ def test_run_case_refuses_a_non_positive_seed_count(paper, tmp_path):
     for bad in (0, -1, 2.5, True):
         with pytest.raises(ValueError, match="seeds must be a positive integer"):
             paper.run_case("lj", case, ["ibi"], "quick", tmp_path, None, seeds=bad)
+
+
+@pytest.fixture(scope="module")
+def regions():
+    path = SCRIPT.parent / "potential_error_regions.py"
+    spec = importlib.util.spec_from_file_location("potential_error_regions", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_potential_error_split_into_wall_and_beyond(regions):
+    """The wall is the resolved rising edge below g = 1; both parts recombine into the script's own measure."""
+    from types import SimpleNamespace
+
+    pe = regions.pe
+    truth = pe.lj_table()
+    kT = 1.2
+    r = np.linspace(0.0125, 2.4875, 100)
+    u, _ = truth.evaluate(np.maximum(r, 0.5), 0)
+    g = np.exp(-np.asarray(u) / kT)  # dilute gas: 1 at r = σ, above 1 in the well
+    state = SimpleNamespace(kT=kT, targets=[SimpleNamespace(r=r, g=g, pair=("A", "A"))])
+    masks = regions.region_masks([state])
+    edge = r[np.nonzero(g >= 1.0)[0][0]]
+    np.testing.assert_array_equal(masks["wall"], (g > 0.1) & (r < edge))
+    np.testing.assert_array_equal(masks["beyond"], (g > 0.1) & (r >= edge) & (r < pe.CUTOFF))
+    assert 2 <= masks["wall"].sum() <= 6 and masks["beyond"].sum() > 50
+    # The truth itself, or the truth shifted by a constant: no error anywhere.
+    same = regions.error_by_region(truth, truth, [state])
+    assert same["resolved"] == same["wall"] == same["beyond"] == 0.0
+    # Another potential: the resolved rms is the script's u(r) error, and the parts recombine into it.
+    other = pe.PairTable(["A"], pe.LennardJones(1.02, 0.9), cutoff=pe.CUTOFF, cutoff_mode="shift")
+    split = regions.error_by_region(other, truth, [state])
+    assert split["resolved"] == pytest.approx(pe.potential_error(other, truth, [state])["rms_kT"], rel=1e-12)
+    n_wall, n_beyond = masks["wall"].sum(), masks["beyond"].sum()
+    recombined = np.sqrt((n_wall * split["wall"] ** 2 + n_beyond * split["beyond"] ** 2) / (n_wall + n_beyond))
+    assert recombined == pytest.approx(split["resolved"], rel=1e-12)
+    assert split["wall"] > split["beyond"] > 0  # a changed σ moves the steep wall most
+    assert split["worst_wall_kT"] >= split["wall"]

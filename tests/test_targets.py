@@ -13,6 +13,7 @@ from openmm_diffsim.targets import (
     counting_weights,
     read_target,
     read_targets_npz,
+    relative_weights,
     target_from_trajectory,
     write_rdf,
 )
@@ -270,3 +271,45 @@ def test_counting_weights_floor_mean_and_errors():
     for bad in (0.0, -1.0, float("nan")):
         with pytest.raises(ValueError, match="g_floor"):
             counting_weights(target, g_floor=bad)
+
+
+def test_relative_weights_make_the_loss_the_squared_error_of_the_potential_of_mean_force():
+    """w ∝ 1/g²: a change δ kT of w = -kT ln g (the model g·exp(-δ)) costs the same loss
+    wherever it lies, at the wall's foot (g ≈ 0.15) or on the first peak (g ≈ 2.4);
+    the uniform loss charges the peak (g_peak/g_wall)² ≈ 250 times more."""
+    r = np.linspace(0.8, 2.5, 69)
+    g = 1.0 + 1.4 * np.exp(-(((r - 1.0) / 0.08) ** 2)) - 0.85 * np.exp(-(((r - 0.8) / 0.05) ** 2))
+    assert g.min() > 0.1  # every bin above the floor: the weights are exactly ∝ 1/g² there
+    wall, peak = int(np.argmin(g)), int(np.argmax(g))
+    weighted = relative_weights(Target(r, g))
+
+    def losses(k, size=0.02):
+        delta = np.zeros_like(r)
+        delta[k] = size
+        error = (g * np.exp(-delta) - g) ** 2
+        return np.sum(weighted.weights * error) / weighted.weights.sum(), np.mean(error)
+
+    (relative_wall, uniform_wall), (relative_peak, uniform_peak) = losses(wall), losses(peak)
+    assert relative_peak == pytest.approx(relative_wall, rel=0.03)
+    assert uniform_peak / uniform_wall == pytest.approx((g[peak] / g[wall]) ** 2, rel=0.03)
+    assert uniform_peak / uniform_wall > 100
+    # Up to a constant factor of the target, the loss is the mean of δ².
+    delta = 0.03 * np.cos(7.0 * r)
+    loss = np.sum(weighted.weights * (g * np.exp(-delta) - g) ** 2) / weighted.weights.sum()
+    assert loss * np.mean(1.0 / g**2) == pytest.approx(np.mean(delta**2), rel=0.05)
+
+
+def test_relative_weights_floor_mean_and_errors():
+    target = Target(R, G, pair="A-B", state="s", weights=np.ones_like(R))
+    weighted = relative_weights(target, g_floor=0.9)
+    expected = 1.0 / np.maximum(G, 0.9) ** 2
+    np.testing.assert_allclose(weighted.weights, expected / expected.mean())
+    assert weighted.weights.mean() == pytest.approx(1.0)
+    assert weighted.pair == ("A", "B") and weighted.state == "s"
+    np.testing.assert_array_equal(target.weights, np.ones_like(R))  # the original is untouched
+    core = Target(np.linspace(0.0, 1.0, 11), np.r_[np.zeros(4), np.ones(7)])
+    weights = relative_weights(core).weights  # default floor 0.1: the core weighs 1/0.1² against 1
+    assert np.all(np.isfinite(weights)) and weights[0] == pytest.approx(100.0 * weights[-1])
+    for bad in (0.0, -1.0, float("nan")):
+        with pytest.raises(ValueError, match="g_floor"):
+            relative_weights(target, g_floor=bad)

@@ -832,6 +832,111 @@ def test_imc_keeps_a_step_whose_loss_rose_only_as_far_as_sampling_noise_reaches(
     assert [trainer._imc_step()["undone"] for _ in range(2)] == [False, True]
 
 
+def _imc_fit_with_checked_loss(tmp_path, check, **options):
+    """An IMC fit of two epochs whose third measurement (the final check) goes through ``check``.
+
+    Returns the trainer, the parameters before and after the last step, and the MD steps of the epochs.
+    """
+    trainer = quick_trainer(
+        tmp_path, optimizer="imc", imc_reject_factor=2.0, max_potential_change=0.5, max_epochs=2, **options
+    )
+    measure, calls = trainer._measure_states, []
+
+    def measured(record):
+        calls.append(record)
+        total, results = measure(record)
+        return check(total, results) if len(calls) == 3 else (total, results)
+
+    trainer._measure_states = measured
+    seen = {}
+
+    def remember(run, record):
+        seen["after"] = run._flat_parameters().clone()
+        seen["before"] = run._imc_last["parameters"].clone()
+        seen["md_steps"] = run.md_steps
+
+    trainer.callbacks.append(remember)
+    trainer.fit()
+    return trainer, seen, len(calls)
+
+
+def test_imc_final_check_undoes_a_last_step_that_overshot(tmp_path):
+    """No epoch samples the last IMC step: one more sample judges it, by the epochs' rule."""
+    trainer, seen, calls = _imc_fit_with_checked_loss(tmp_path, lambda total, results: (100.0 * total, results))
+    assert calls == 3
+    check = trainer.history[-1]["final_check"]
+    assert check["undone"] and not check["rebased"] and check["error"] is None
+    assert check["loss"] > 2.0 * check["loss_before"]
+    assert check["md_steps"] == trainer.md_steps - seen["md_steps"] > 0
+    # Back to the parameters the last step started from; the step is gone.
+    torch.testing.assert_close(trainer._flat_parameters(), seen["before"])
+    assert not torch.allclose(seen["after"], seen["before"])
+    assert trainer._imc_last is None and not trainer.snapshots
+    # Logged and checkpointed: the checkpoint holds the restored potential.
+    last_line = json.loads((tmp_path / "log.jsonl").read_text().strip().splitlines()[-1])
+    assert last_line["final_check"]["undone"] is True
+    resumed = Trainer.resume(tmp_path)
+    torch.testing.assert_close(resumed._flat_parameters(), seen["before"])
+    assert resumed.md_steps == trainer.md_steps and resumed._imc_last is None
+
+
+def test_imc_final_check_keeps_a_good_last_step_once_and_its_sample(tmp_path):
+    trainer, seen, calls = _imc_fit_with_checked_loss(tmp_path, lambda total, results: (total, results))
+    check = trainer.history[-1]["final_check"]
+    assert not check["undone"] and check["error"] is None and check["md_steps"] > 0
+    torch.testing.assert_close(trainer._flat_parameters(), seen["after"])
+    assert trainer._imc_last["checked"] and trainer.snapshots  # a continued fit starts from this sample
+    # The check's loss is that of the returned potential: it may be the best.
+    assert trainer.best_loss <= check["loss"]
+    # Fitting again without new epochs judges nothing twice.
+    steps = trainer.md_steps
+    trainer.fit()
+    assert trainer.md_steps == steps
+    # A continued fit uses the check's sample for its next step instead of drawing another.
+    trainer.options["max_epochs"] = 3
+    trainer.fit()
+    assert trainer.history[2]["resampled"] == {trainer.states[0].name: False}
+
+
+def test_imc_final_check_undoes_a_last_step_whose_sample_failed(tmp_path):
+    def blow_up(total, results):
+        raise SamplingError("gas", 123, "the potential blew up")
+
+    trainer, seen, _ = _imc_fit_with_checked_loss(tmp_path, blow_up)
+    check = trainer.history[-1]["final_check"]
+    assert check["undone"] and check["loss"] is None and "blew up" in check["error"]
+    torch.testing.assert_close(trainer._flat_parameters(), seen["before"])
+
+
+def test_imc_final_check_is_off_without_an_undo_rule_or_when_asked(tmp_path):
+    for options in (dict(imc_check_last=False), dict(imc_reject_factor=None)):
+        trainer = quick_trainer(tmp_path, optimizer="imc", max_potential_change=0.5, max_epochs=2, **options)
+        if "imc_reject_factor" not in options:
+            trainer.options["imc_reject_factor"] = 2.0
+        trainer.fit()
+        assert "final_check" not in trainer.history[-1]
+        assert trainer.md_steps == trainer.history[-1]["md_steps"]
+    with pytest.raises(ValueError, match="imc_check_last"):
+        quick_trainer(tmp_path, optimizer="imc", imc_reject_factor=2.0, imc_check_last="yes")
+
+
+def test_best_state_is_the_potential_whose_sample_gave_the_best_loss(tmp_path):
+    """An epoch's loss is measured before its step: the best state is the potential sampled, not the one after."""
+    trainer = quick_trainer(tmp_path, max_epochs=4)
+    epoch, sampled = trainer._epoch, []
+
+    def remembering_epoch():
+        sampled.append(trainer._flat_parameters().clone())
+        return epoch()
+
+    trainer._epoch = remembering_epoch
+    trainer.fit()
+    best = int(np.argmin([h["loss"] for h in trainer.history]))
+    assert trainer.best_loss == trainer.history[best]["loss"]
+    flat = torch.cat([v.reshape(-1) for k, v in trainer.best_state.items() if k.endswith(("sigma", "epsilon"))])
+    torch.testing.assert_close(flat.to(sampled[best].dtype), sampled[best])
+
+
 def test_imc_cap_grows_past_max_potential_change_while_the_linear_model_holds(tmp_path):
     """imc_max_cap: a capped step whose fresh loss fell by >= half the predicted drop lets the cap grow 1.5x."""
 

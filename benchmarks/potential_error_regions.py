@@ -1,0 +1,123 @@
+"""Where the error of a learned u(r) lies: the repulsive wall or beyond it.
+
+Reads the final potentials (``checkpoint.pt``) that ``paper_experiments.py``
+saved in ``<output>/<case>/<method>/[seed-<k>/]`` and splits the u(r) error of
+``paper_experiments.potential_error`` (in k_B T, where g_target > 0.1, the
+constant offset removed over that whole region) into two parts:
+
+``wall``
+    the resolved bins on the rising edge of the first peak, below the first
+    r where g_target reaches 1;
+``beyond``
+    every resolved bin from there to the cutoff.
+
+IBI corrects every bin by the log-ratio of its own g(r); a Newton step on
+the RDF loss weighs the wall bins by their small absolute change of g(r).
+This script measures what that does to each part. ::
+
+    python benchmarks/potential_error_regions.py benchmarks/results/paper morse-5.5-0.44-rho0.5 ibi imc-grow
+
+Prints one row per run and writes ``<output>/<case>_u_error_regions.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Dict, List
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import paper_experiments as pe  # noqa: E402  (the experiments' cases, targets and error measure)
+
+
+def region_masks(train_states) -> Dict[str, np.ndarray]:
+    """Per pair-type index: boolean masks over the target grid, ``resolved``, ``wall`` and ``beyond``."""
+    r = np.asarray(train_states[0].targets[0].r)
+    resolved = np.zeros(r.shape, dtype=bool)
+    wall = np.zeros(r.shape, dtype=bool)
+    for state in train_states:
+        for target in state.targets:
+            g = np.asarray(target.g)
+            resolved |= g > 0.1
+            first_peak = np.nonzero(g >= 1.0)[0]
+            edge = r[first_peak[0]] if first_peak.size else np.inf
+            wall |= (g > 0.1) & (r < edge)
+    resolved &= r < pe.CUTOFF
+    wall &= resolved
+    return {"resolved": resolved, "wall": wall, "beyond": resolved & ~wall}
+
+
+def error_by_region(table, truth, train_states) -> Dict[str, float]:
+    """rms of (u - u_true)/kT over the resolved bins, the wall bins and the bins beyond, first pair type.
+
+    The offset is removed over all resolved bins, as in ``paper_experiments.potential_error``.
+    """
+    kT = float(np.mean([s.kT for s in train_states]))
+    masks = region_masks(train_states)
+    r = np.asarray(train_states[0].targets[0].r)
+    region = masks["resolved"]
+    diff = np.asarray((table.evaluate(r[region], 0)[0] - truth.evaluate(r[region], 0)[0]) / kT, dtype=float)
+    diff = diff - diff.mean()
+    full = np.full(r.shape, np.nan)
+    full[region] = diff
+    out = {name: float(np.sqrt(np.mean(full[mask] ** 2))) for name, mask in masks.items() if mask.any()}
+    out["wall_bins"] = int(masks["wall"].sum())
+    out["worst_wall_kT"] = float(np.nanmax(np.abs(full[masks["wall"]]))) if masks["wall"].any() else None
+    return out
+
+
+def runs_of(output: Path, case: str, method: str) -> List[Path]:
+    folder = output / case / method
+    seeds = sorted(folder.glob("seed-*"))
+    return [s / "checkpoint.pt" for s in seeds] if seeds else [folder / "checkpoint.pt"]
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("output", help="the paper_experiments.py output folder")
+    parser.add_argument("case")
+    parser.add_argument("methods", nargs="+")
+    args = parser.parse_args(argv)
+    output = Path(args.output)
+    cases = pe.all_cases(pe.SCALES["reduced"]["n"])
+    if args.case not in cases:
+        parser.error(f"unknown case {args.case!r}")
+    case = cases[args.case]
+    if len(case["truth"]().pair_keys()) != 1:
+        parser.error("one pair type only (the binary cases are not split)")
+    pe.attach_targets(args.case, case, "reduced", output / "targets", None)
+    truth, train_states = case["truth"](), case["train"]
+    masks = region_masks(train_states)
+    r = np.asarray(train_states[0].targets[0].r)
+    print(f"{args.case}: wall bins r = {np.round(r[masks['wall']], 3).tolist()}, beyond: {masks['beyond'].sum()} bins")
+    initial = pe.spline_table_from_targets(train_states, pe.CUTOFF, knot_spacing=pe.KNOT_SPACING)
+    results = {"initial": [error_by_region(initial, truth, train_states)]}
+    for method in args.methods:
+        results[method] = []
+        for path in runs_of(output, args.case, method):
+            if not path.exists():
+                parser.error(f"no checkpoint at {path}")
+            table = torch.load(path, weights_only=False)["table"]
+            results[method].append(error_by_region(table, truth, train_states))
+    print(f"{'run':24s} {'resolved':>9s} {'wall':>7s} {'beyond':>7s} {'worst wall':>10s}  (rms, kT)")
+    for method, rows in results.items():
+        for k, row in enumerate(rows):
+            label = method if len(rows) == 1 else f"{method} seed {k + 1}"
+            parts = f"{row['resolved']:9.3f} {row['wall']:7.3f} {row['beyond']:7.3f} {row['worst_wall_kT']:10.2f}"
+            print(f"{label:24s} {parts}")
+        if len(rows) > 1:
+            mean = {key: float(np.mean([row[key] for row in rows])) for key in ("resolved", "wall", "beyond")}
+            print(f"{method + ' mean':24s} {mean['resolved']:9.3f} {mean['wall']:7.3f} {mean['beyond']:7.3f}")
+    out = output / f"{args.case}_u_error_regions.json"
+    out.write_text(json.dumps(results, indent=1))
+    print(f"written {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

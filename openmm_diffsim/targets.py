@@ -287,12 +287,20 @@ def counting_weights(target: Target, g_floor: float = COUNTING_G_FLOOR) -> Targe
     ValueError
         If ``g_floor`` is not a positive finite number.
     """
+    g = np.maximum(target.g, _check_g_floor(g_floor))
+    return _with_weights(target, target.r**2 / g)  # not all zero: r is strictly increasing and non-negative
+
+
+def _check_g_floor(g_floor: float) -> float:
     g_floor = float(g_floor)
     if not np.isfinite(g_floor) or g_floor <= 0:
         raise ValueError(f"g_floor must be a positive number, got {g_floor}")
-    weights = target.r**2 / np.maximum(target.g, g_floor)
-    weights = weights / weights.mean()  # not all zero: r is strictly increasing and non-negative
-    return Target(target.r.copy(), target.g.copy(), target.pair, target.state, weights)
+    return g_floor
+
+
+def _with_weights(target: Target, weights: np.ndarray) -> Target:
+    """A copy of ``target`` carrying ``weights`` normalised to mean 1."""
+    return Target(target.r.copy(), target.g.copy(), target.pair, target.state, weights / weights.mean())
 
 
 def relative_weights(target: Target, g_floor: float = RELATIVE_G_FLOOR) -> Target:
@@ -327,12 +335,7 @@ def relative_weights(target: Target, g_floor: float = RELATIVE_G_FLOOR) -> Targe
     ValueError
         If ``g_floor`` is not a positive finite number.
     """
-    g_floor = float(g_floor)
-    if not np.isfinite(g_floor) or g_floor <= 0:
-        raise ValueError(f"g_floor must be a positive number, got {g_floor}")
-    weights = 1.0 / np.maximum(target.g, g_floor) ** 2
-    weights = weights / weights.mean()
-    return Target(target.r.copy(), target.g.copy(), target.pair, target.state, weights)
+    return _with_weights(target, 1.0 / np.maximum(target.g, _check_g_floor(g_floor)) ** 2)
 
 
 def _to_numpy(value, name: str) -> np.ndarray:

@@ -697,13 +697,7 @@ class Trainer:
                 raise NonFiniteError(f"state {state.name!r}: loss is not finite")
             results[state.name] = result
             total += result.loss
-            record["state_losses"][state.name] = result.loss
-            record["rdf_rmse"][state.name] = dict(result.rdf_rmse)
-            record["n_eff"][state.name] = result.diagnostics.get("n_eff_fraction")
-            record["resampled"][state.name] = resampled
-            for key in ("pressure", "energy"):
-                if result.diagnostics.get(key) is not None:
-                    record.setdefault(key, {})[state.name] = float(result.diagnostics[key])
+            _record_state(record, state.name, result, resampled)
             # Torch rollout steps are counted apart from OpenMM MD steps.
             self.rollout_steps += int(result.diagnostics.get("steps_run", 0) or 0)
         return total, results
@@ -844,13 +838,7 @@ class Trainer:
             _, result, resampled, _, _ = entries[k]
             results[state.name] = result
             total += result.loss
-            record["state_losses"][state.name] = result.loss
-            record["rdf_rmse"][state.name] = dict(result.rdf_rmse)
-            record["n_eff"][state.name] = result.diagnostics.get("n_eff_fraction")
-            record["resampled"][state.name] = resampled
-            for key in ("pressure", "energy"):
-                if result.diagnostics.get(key) is not None:
-                    record.setdefault(key, {})[state.name] = float(result.diagnostics[key])
+            _record_state(record, state.name, result, resampled)
         record["rank_seconds"] = [part["seconds"] for part in gathered]
         distributed.all_reduce_gradients(self._trainable())
         return total, results
@@ -1913,6 +1901,17 @@ class Trainer:
         )
         written.append(plotting.plot_loss(folder / "loss.png", self.history))
         return written
+
+
+def _record_state(record: Dict[str, Any], name: str, result, resampled: bool) -> None:
+    """One state's loss, RDF RMSEs, N_eff, resampling and pressure/energy into an epoch's record."""
+    record["state_losses"][name] = result.loss
+    record["rdf_rmse"][name] = dict(result.rdf_rmse)
+    record["n_eff"][name] = result.diagnostics.get("n_eff_fraction")
+    record["resampled"][name] = resampled
+    for key in ("pressure", "energy"):
+        if result.diagnostics.get(key) is not None:
+            record.setdefault(key, {})[name] = float(result.diagnostics[key])
 
 
 def _plot_r_min(table: PairTable) -> float:

@@ -1326,6 +1326,11 @@ class Trainer:
         floor = noise if math.isfinite(noise) else 0.0
         return loss > self.options["imc_reject_factor"] * max(last["loss"], floor), noise
 
+    def _undo_imc_step(self, last: Dict[str, Any]) -> None:
+        """Back to the parameters the step ``last`` started from, and to the configurations its sample ended in."""
+        self._set_flat_parameters(last["parameters"])
+        self._restore_configurations(last.get("sampler_states"))
+
     def _check_last_imc_step(self) -> None:
         """``imc_check_last``: judge the last IMC step by a fresh sample, and undo it if it overshot.
 
@@ -1365,8 +1370,7 @@ class Trainer:
             rebased = True  # as in an epoch: the reference was the outlier
         undone = failure is not None or (overshot and not rebased)
         if undone:
-            self._set_flat_parameters(last["parameters"])
-            self._restore_configurations(last.get("sampler_states"))
+            self._undo_imc_step(last)
             self.snapshots.clear()
             if failure is not None:
                 self.samplers.clear()  # rebuilt from the restored configurations
@@ -1443,8 +1447,7 @@ class Trainer:
                 # Newton system, capped at half the change the step made (often
                 # below its cap, which halving would leave the step as it was).
                 # The fresh sample only judged the step.
-                self._set_flat_parameters(last["parameters"])
-                self._restore_configurations(last.get("sampler_states"))
+                self._undo_imc_step(last)
                 jtj, jtr, loss0 = last["jtj"], last["jtr"], last["loss"]
                 limit, undone = 0.5 * (last.get("moved") or last["limit"]), True
                 undos = last.get("undos", 0) + 1

@@ -310,6 +310,15 @@ def test_dilute_limit_matches_analytic_derivative_of_boltzmann_factor():
         assert got == pytest.approx(expected, rel=1e-2), name
 
 
+def reweighted_loss_and_gradient(state, snapshots, bin_weighting, target):
+    """Loss and (σ, ε) gradient of the reweighting estimator at σ = 0.345 with this bin weighting and target."""
+    table = lj_table(sigma=0.345)
+    estimator = ReweightingEstimator(**GRID, bin_weighting=bin_weighting)
+    estimator.reset(lj_table(), snapshots, state)
+    result = estimator(table, state, snapshots, [target])
+    return result.loss, torch.stack([p.grad.clone() for p in table.parameters()])
+
+
 def test_counting_bin_weighting_equals_explicit_counting_weights(lj_samples):
     """bin_weighting="counting" is the loss of the same target carrying counting_weights;
     a target with weights of its own keeps them; both estimators accept the option."""
@@ -319,19 +328,16 @@ def test_counting_bin_weighting_equals_explicit_counting_weights(lj_samples):
     r = bin_centres()
     plain = Target(r, np.where(r > SIGMA, 1.1 + 0.3 * np.sin(10 * r), 0.0), pair=("Ar", "Ar"))
     own = Target(plain.r, plain.g, pair=("Ar", "Ar"), weights=np.linspace(1.0, 2.0, r.size))
-    results = {}
-    for key, weighting, target in (
-        ("option", "counting", plain),
-        ("explicit", "uniform", counting_weights(plain)),
-        ("uniform", "uniform", plain),
-        ("own+option", "counting", own),
-        ("own", "uniform", own),
-    ):
-        table = lj_table(sigma=0.345)
-        estimator = ReweightingEstimator(**GRID, bin_weighting=weighting)
-        estimator.reset(lj_table(), snapshots, state)
-        result = estimator(table, state, snapshots, [target])
-        results[key] = (result.loss, torch.stack([p.grad.clone() for p in table.parameters()]))
+    results = {
+        key: reweighted_loss_and_gradient(state, snapshots, weighting, target)
+        for key, weighting, target in (
+            ("option", "counting", plain),
+            ("explicit", "uniform", counting_weights(plain)),
+            ("uniform", "uniform", plain),
+            ("own+option", "counting", own),
+            ("own", "uniform", own),
+        )
+    }
     assert results["option"][0] == pytest.approx(results["explicit"][0], rel=1e-12)
     torch.testing.assert_close(results["option"][1], results["explicit"][1], rtol=1e-10, atol=0)
     assert results["option"][0] != pytest.approx(results["uniform"][0], rel=0.05)
@@ -356,20 +362,25 @@ def test_relative_bin_weighting_equals_explicit_relative_weights(lj_samples):
     state, snapshots = lj_samples
     r = bin_centres()
     plain = Target(r, np.where(r > SIGMA, 1.1 + 0.3 * np.sin(10 * r), 0.0), pair=("Ar", "Ar"))
-    results = {}
-    for key, weighting, target in (
-        ("option", "relative", plain),
-        ("explicit", "uniform", relative_weights(plain)),
-        ("counting", "counting", plain),
-    ):
-        table = lj_table(sigma=0.345)
-        estimator = ReweightingEstimator(**GRID, bin_weighting=weighting)
-        estimator.reset(lj_table(), snapshots, state)
-        result = estimator(table, state, snapshots, [target])
-        results[key] = (result.loss, torch.stack([p.grad.clone() for p in table.parameters()]))
+    results = {
+        key: reweighted_loss_and_gradient(state, snapshots, weighting, target)
+        for key, weighting, target in (
+            ("option", "relative", plain),
+            ("explicit", "uniform", relative_weights(plain)),
+            ("counting", "counting", plain),
+        )
+    }
     assert results["option"][0] == pytest.approx(results["explicit"][0], rel=1e-12)
     torch.testing.assert_close(results["option"][1], results["explicit"][1], rtol=1e-10, atol=0)
     assert results["option"][0] != pytest.approx(results["counting"][0], rel=0.05)
+    # The rollout estimator applies it too.
+    rollout_losses = [
+        RolloutEstimator(n_steps=2, record_every=1, n_replicas=2, seed=3, bin_weighting=weighting, **GRID)(
+            lj_table(sigma=0.345), state, snapshots, [target]
+        ).loss
+        for weighting, target in (("relative", plain), ("uniform", relative_weights(plain)))
+    ]
+    assert rollout_losses[0] == pytest.approx(rollout_losses[1], rel=1e-10)
 
 
 def test_rollout_estimator_adjoint_equals_backprop_and_accumulates(lj_samples):

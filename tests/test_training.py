@@ -909,10 +909,8 @@ def test_imc_final_check_undoes_a_last_step_whose_sample_failed(tmp_path):
 
 
 def test_imc_final_check_is_off_without_an_undo_rule_or_when_asked(tmp_path):
-    for options in (dict(imc_check_last=False), dict(imc_reject_factor=None)):
+    for options in (dict(imc_check_last=False, imc_reject_factor=2.0), dict(imc_reject_factor=None)):
         trainer = quick_trainer(tmp_path, optimizer="imc", max_potential_change=0.5, max_epochs=2, **options)
-        if "imc_reject_factor" not in options:
-            trainer.options["imc_reject_factor"] = 2.0
         trainer.fit()
         assert "final_check" not in trainer.history[-1]
         assert trainer.md_steps == trainer.history[-1]["md_steps"]

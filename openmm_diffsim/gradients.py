@@ -640,6 +640,62 @@ class ReweightingEstimator:
         float
             The noise part of the loss (dimensionless, like ``ρ·ρ``); NaN with fewer than 2 frames.
         """
+        targets_prepared, means = self._block_means(targets, n_blocks)
+        if means is None:
+            return float("nan")
+        blocks = means.shape[0]
+        variance_of_mean = means.var(0, unbiased=True) / blocks
+        scale = float(state.weight) * float(loss_weight)
+        total = 0.0
+        for k, t in enumerate(targets_prepared):
+            total += scale * float((_bin_weights(t) * variance_of_mean[k]).sum())
+        return total
+
+    def residual_block_deviations(self, state, targets, loss_weight: float = 1.0, n_blocks: int = 5) -> Tensor:
+        """Deviations of block-mean residuals from the sample's mean residual (RDF rows), for step noise.
+
+        Splits the frames into ``n_blocks`` consecutive blocks and returns, per
+        block, the RDF rows of ρ computed from that block's mean RDF minus
+        those from the mean over all blocks, in the units of ρ
+        (``sqrt(s w_b) Δg``). The covariance of the sample-mean residual is then
+        ``Σ_b d_b d_bᵀ / (B (B - 1))``, so that a caller can carry the sampling
+        noise through any linear map of ρ (the noise of a Newton step, say).
+        Frames are weighted equally: the snapshots are taken to be drawn at the
+        current parameters, as for a fresh sample.
+
+        Parameters
+        ----------
+        state : StatePoint
+            The state the snapshots were drawn at (its ``weight`` scales ρ, as in :meth:`residuals`).
+        targets : list of Target
+            The RDF targets; their pairs and bin weights.
+        loss_weight : float
+            Extra factor on this state's loss, as in :meth:`residuals`.
+        n_blocks : int
+            Number of blocks (at least 2; fewer when there are fewer frames).
+
+        Returns
+        -------
+        Tensor, shape (B, M_rdf), float64
+            One row per block; M_rdf is the number of RDF rows of ρ (those come
+            first in :meth:`residuals`, before any pressure or energy rows).
+            Shape (0, M_rdf) with fewer than 2 frames.
+        """
+        targets_prepared, means = self._block_means(targets, n_blocks)
+        n_rows = sum(t.g.shape[0] for t in targets_prepared)
+        if means is None:
+            return torch.zeros(0, n_rows, dtype=torch.float64)
+        scale = float(state.weight) * float(loss_weight)
+        deviations = means - means.mean(0, keepdim=True)  # (B, n_targets, n_bins)
+        parts = [torch.sqrt(scale * _bin_weights(t)) * deviations[:, k] for k, t in enumerate(targets_prepared)]
+        return torch.cat(parts, dim=1).to(torch.float64)
+
+    def _block_means(self, targets, n_blocks: int):
+        """Prepared targets and the mean RDF rows of ``n_blocks`` consecutive blocks of frames, or None for them.
+
+        Shape (B, n_targets, n_bins); the earliest frames are dropped when
+        the blocks do not divide them evenly. None with fewer than 2 frames.
+        """
         if self._snapshots is None:
             raise RuntimeError("call reset(table, snapshots) or the estimator first")
         if isinstance(n_blocks, bool) or not isinstance(n_blocks, (int, np.integer)) or n_blocks < 2:
@@ -648,17 +704,11 @@ class ReweightingEstimator:
         n_frames = self._rdfs.shape[0]
         blocks = min(int(n_blocks), n_frames)
         if blocks < 2:
-            return float("nan")
+            return targets_prepared, None
         size = n_frames // blocks
         rows = [t.row for t in targets_prepared]
         frames = self._rdfs[-blocks * size :, rows]  # (blocks * size, n_targets, n_bins)
-        means = frames.reshape(blocks, size, *frames.shape[1:]).mean(1)
-        variance_of_mean = means.var(0, unbiased=True) / blocks
-        scale = float(state.weight) * float(loss_weight)
-        total = 0.0
-        for k, t in enumerate(targets_prepared):
-            total += scale * float((_bin_weights(t) * variance_of_mean[k]).sum())
-        return total
+        return targets_prepared, frames.reshape(blocks, size, *frames.shape[1:]).mean(1)
 
     def _check_thermodynamic_targets(self, state) -> None:
         if self.pressure_weight > 0:

@@ -293,6 +293,18 @@ class Trainer:
         count in ``md_steps`` and ``wall_time``). The returned potential is
         then always one whose fresh loss was measured. True (default); False
         returns the last step unjudged and saves the sample.
+    imc_noise_shrink : bool
+        ``optimizer="imc"``: shorten each Newton step δ by the factor
+        ``max(0, 1 - E|δ_noise|²/|δ|²)``, where ``E|δ_noise|²`` is the part of
+        the step's length that the sample's own noise accounts for: the
+        covariance of the residuals, from the means of ``IMC_SHRINK_BLOCKS``
+        (5) consecutive blocks of frames, carried through the step's linear
+        solve (logged as ``shrink`` and ``step_noise``). Far from the answer
+        the step is mostly signal and stays whole; at the noise floor a full
+        Newton step is mostly the sample's noise, which it would write into
+        u(r), and the factor falls towards 0 (positive-part James–Stein
+        shrinkage). Not with ``imc_pool > 1`` (a pooled step has its own noise).
+        False (default).
     imc_pool : int
         ``optimizer="imc"``: pool the residuals and Jacobians of up to this
         many recent samples into each Newton step (a linear model fitted to
@@ -359,6 +371,7 @@ class Trainer:
         imc_pool_radius: float = 0.25,
         imc_max_cap: Optional[float] = None,
         imc_check_last: bool = True,
+        imc_noise_shrink: bool = False,
     ):
         states = check_fit_inputs(table, states, "Trainer")
         if isinstance(estimator, str) and estimator not in ESTIMATORS:
@@ -381,6 +394,10 @@ class Trainer:
             raise ValueError(f"imc_pool must be a positive integer (1: no pooling), got {imc_pool!r}")
         if not isinstance(imc_check_last, bool):
             raise ValueError(f"imc_check_last must be True or False, got {imc_check_last!r}")
+        if not isinstance(imc_noise_shrink, bool):
+            raise ValueError(f"imc_noise_shrink must be True or False, got {imc_noise_shrink!r}")
+        if imc_noise_shrink and int(imc_pool) > 1:
+            raise ValueError("imc_noise_shrink cannot be combined with imc_pool > 1 (a pooled step has its own noise)")
         if not (math.isfinite(float(imc_pool_radius)) and float(imc_pool_radius) > 0):
             raise ValueError(f"imc_pool_radius must be a positive number (kT), got {imc_pool_radius}")
         if imc_max_cap is not None:
@@ -426,6 +443,7 @@ class Trainer:
             imc_pool_radius=float(imc_pool_radius),
             imc_max_cap=None if imc_max_cap is None else float(imc_max_cap),
             imc_check_last=imc_check_last,
+            imc_noise_shrink=imc_noise_shrink,
             max_potential_change=float(max_potential_change),
             average_last=int(average_last),
             max_epochs=int(max_epochs),
@@ -908,6 +926,46 @@ class Trainer:
         if self._dist is not None:
             noise = float(self._reduce_residual_sums(float(noise))[0])
         return float(noise)
+
+    def _jtr_noise_covariance(self, rows: Dict[str, Tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+        """Covariance of ``Jᵀρ`` from the sample's noise in ρ (summed over states and ranks).
+
+        ``Σ_b (Jᵀd_b)(Jᵀd_b)ᵀ / (B (B - 1))`` with ``d_b`` the block-mean
+        residual deviations (:meth:`~openmm_diffsim.gradients.ReweightingEstimator.residual_block_deviations`,
+        ``IMC_SHRINK_BLOCKS`` blocks; the pressure and energy rows count as
+        noiseless). The noise of J itself is left out.
+        """
+        n_params = sum(p.numel() for p in self._trainable())
+        covariance = torch.zeros(n_params, n_params, dtype=torch.float64)
+        for state in self._states_here():
+            rho, jac = rows[state.name]
+            deviations = self.reweighting[state.name].residual_block_deviations(
+                state, state.targets, 1.0, n_blocks=IMC_SHRINK_BLOCKS
+            )
+            blocks = deviations.shape[0]
+            if blocks < 2:
+                continue
+            padded = torch.zeros(blocks, rho.numel(), dtype=torch.float64)
+            padded[:, : deviations.shape[1]] = deviations
+            projected = padded @ jac  # (B, n_params): Jᵀd_b per block
+            covariance = covariance + projected.T @ projected / (blocks * (blocks - 1))
+        if self._dist is not None:
+            covariance = self._reduce_residual_sums(covariance)[0]
+        return covariance
+
+    def _potential_metric(self) -> torch.Tensor:
+        """``BᵀB``, B the Jacobian of u(r)/kT on the smoothing grids: |δ|² in it is the squared change of u(r)."""
+
+        def total(pair, r):
+            return self.table.energy_and_derivative(
+                r, torch.full_like(r, self.table.pair_index(pair), dtype=torch.long)
+            )[0]
+
+        found = self._grid_differences(total, order=0)
+        if found is None:
+            n_params = sum(p.numel() for p in self._trainable())
+            return torch.eye(n_params, dtype=torch.float64)
+        return found[0].T @ found[0]
 
     def _residual_jacobian(self):
         """``JᵀJ``, ``Jᵀρ`` and ``ρ·ρ`` of the reweighted residuals (summed over ranks)."""
@@ -1422,8 +1480,10 @@ class Trainer:
         a fresh loss above that factor times the last one undoes the last
         step first (logged as ``undone``, the cap as ``cap_kT``).
         """
-        rows = self._residual_rows() if self.options["imc_pool"] > 1 else None
+        shrink_noise = self.options.get("imc_noise_shrink", False)
+        rows = self._residual_rows() if self.options["imc_pool"] > 1 or shrink_noise else None
         jtj, jtr, loss0 = self._residual_jacobian() if rows is None else self._normal_equations(rows)
+        noise_cov = self._jtr_noise_covariance(rows) if shrink_noise else None
         # A rolled-back step halves the learning rate; the IMC step (which has
         # none) shrinks its cap by the same factor, so a retry is not the same step.
         limit = self.options["max_potential_change"] * self.learning_rate / self.options["learning_rate"]
@@ -1449,6 +1509,7 @@ class Trainer:
                 # The fresh sample only judged the step.
                 self._undo_imc_step(last)
                 jtj, jtr, loss0 = last["jtj"], last["jtr"], last["loss"]
+                noise_cov = last.get("noise_cov") if shrink_noise else None
                 limit, undone = 0.5 * (last.get("moved") or last["limit"]), True
                 undos = last.get("undos", 0) + 1
                 # The pooled samples led to the overshoot; start the pool afresh.
@@ -1487,6 +1548,7 @@ class Trainer:
                 "loss": float(loss0),
                 "limit": float(limit),
                 "undos": undos,
+                **({} if noise_cov is None else {"noise_cov": noise_cov.clone()}),
             }
         data_jtj, data_jtr = jtj, jtr  # the linear model of the data, before any penalty joins it
         penalty = self._smoothing_penalty(jtj)
@@ -1495,14 +1557,24 @@ class Trainer:
             penalty, jtr, roughness = self._roughness_penalty(jtj, penalty, jtr)
         damping = self.options["imc_damping"]
         before = self._flat_parameters()
-        step = _damped_solve(jtj, jtr, damping, penalty)
+        metric = self._potential_metric() if noise_cov is not None else None
+        shrink: Dict[str, float] = {}
+
+        def solve(damping: float) -> torch.Tensor:
+            step = _damped_solve(jtj, jtr, damping, penalty)
+            if noise_cov is not None:
+                shrink.update(_noise_shrink(step, noise_cov, jtj, damping, penalty, metric))
+                step = shrink["shrink"] * step
+            return step
+
+        step = solve(damping)
         moved, scale, hole_shrinks = self._move_within(step, limit)
         # No length of this step keeps the core free of a well: the knots the
         # data do not see moved too far. Refusing it would leave the next
         # sample to propose the same step again, so damp more instead.
         while scale == 0.0 and hole_shrinks > 0 and damping < _FALLBACK_DAMPING_MAX:
             damping = max(10.0 * damping, _FALLBACK_DAMPING_MIN)
-            step = _damped_solve(jtj, jtr, damping, penalty)
+            step = solve(damping)
             moved, scale, more = self._move_within(step, limit)
             hole_shrinks += more
         if self._imc_last is not None and factor is not None:
@@ -1520,6 +1592,7 @@ class Trainer:
             "core_hole_shrinks": hole_shrinks,
             "damping": damping,
             **({} if roughness is None else {"roughness": roughness}),
+            **shrink,
             **(
                 {}
                 if factor is None
@@ -1823,6 +1896,7 @@ class Trainer:
             raise ValueError(f"{path} is not an openmm-diffsim checkpoint")
         options = dict(data["options"])
         options.setdefault("imc_check_last", True)  # checkpoints written before the option existed
+        options.setdefault("imc_noise_shrink", False)
         unknown = set(overrides) - set(options)
         if unknown:
             raise ValueError(f"unknown option(s) to override: {sorted(unknown)}")
@@ -1931,6 +2005,11 @@ def _plot_r_min(table: PairTable) -> float:
 #: (retaken at 1/2, then 1/4 of its change of u(r), a step that still "overshoots"
 #: was judged against an outlying reference loss).
 IMC_MAX_UNDOS = 2
+#: ``imc_noise_shrink``: blocks of frames behind the noise estimate of a Newton
+#: step. Five blocks of a 100-frame sample span 1000 MD steps each: near a
+#: phase boundary the slow fluctuations outlast shorter blocks, whose
+#: variance then undercounts the noise (4x at 10 blocks, docs/training.md).
+IMC_SHRINK_BLOCKS = 5
 
 # imc: a step that cannot keep the core free of a well is recomputed with
 # damping raised tenfold (from at least the first value) up to the second.
@@ -1953,6 +2032,16 @@ def _correction_terms(potential: PairPotential) -> List[PairPotential]:
     return []
 
 
+def _damped_system(matrix: torch.Tensor, damping: float, penalty: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``A + λ diag A + R``, the matrix of the damped Newton step (see :func:`_damped_solve`)."""
+    diag = torch.diagonal(matrix).clone()
+    diag = torch.clamp(diag, min=1e-12 * float(diag.max()) + 1e-300)
+    system = matrix + damping * torch.diag(diag)
+    if penalty is not None:
+        system = system + penalty.to(system.dtype)
+    return system
+
+
 def _damped_solve(
     matrix: torch.Tensor, rhs: torch.Tensor, damping: float, penalty: Optional[torch.Tensor] = None
 ) -> torch.Tensor:
@@ -1962,12 +2051,34 @@ def _damped_solve(
     data do not touch gets a tiny, not an infinite, penalty. ``R`` is an
     optional extra penalty (the smoothing of ``imc_smoothing``).
     """
-    diag = torch.diagonal(matrix).clone()
-    diag = torch.clamp(diag, min=1e-12 * float(diag.max()) + 1e-300)
-    system = matrix + damping * torch.diag(diag)
-    if penalty is not None:
-        system = system + penalty.to(system.dtype)
-    return -torch.linalg.solve(system, rhs)
+    return -torch.linalg.solve(_damped_system(matrix, damping, penalty), rhs)
+
+
+def _noise_shrink(
+    step: torch.Tensor,
+    jtr_covariance: torch.Tensor,
+    matrix: torch.Tensor,
+    damping: float,
+    penalty: Optional[torch.Tensor],
+    metric: torch.Tensor,
+) -> Dict[str, float]:
+    """``imc_noise_shrink``: the factor ``max(0, 1 - E|δ_noise|²/|δ|²)`` for the step δ, and the ratio.
+
+    δ = -M⁻¹ Jᵀρ is linear in ρ, so the sample's noise puts ``M⁻¹ C M⁻¹``
+    into δ's covariance (C that of Jᵀρ); ``E|δ_noise|²`` is its trace in
+    ``metric`` (lengths of the change of u(r), not of the parameters).
+    Returns ``{"shrink": factor, "step_noise": E|δ_noise|²/|δ|²}``.
+    """
+    system = _damped_system(matrix, damping, penalty)
+    inverse_c = torch.linalg.solve(system, jtr_covariance)
+    step_covariance = torch.linalg.solve(system, inverse_c.T)  # M⁻¹ C M⁻¹ (M, C symmetric)
+    noise = float(torch.trace(metric @ step_covariance))
+    length = float(step @ metric @ step)
+    if not (math.isfinite(noise) and math.isfinite(length)) or length <= 0:
+        # Nothing to judge by (a zero step, or no noise estimate): the step as it is.
+        return {"shrink": 1.0, "step_noise": float("nan")}
+    ratio = noise / length
+    return {"shrink": max(0.0, 1.0 - ratio), "step_noise": ratio}
 
 
 def _grad_norm(params) -> float:

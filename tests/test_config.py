@@ -519,3 +519,13 @@ def test_imc_check_last_reaches_the_trainer(tmp_path):
     assert "imc_check_last" not in parse_config(data, tmp_path).trainer  # the Trainer's default (true) applies
     data["training"]["imc_check_last"] = False
     assert parse_config(data, tmp_path).trainer["imc_check_last"] is False
+
+
+def test_imc_noise_shrink_reaches_the_trainer(tmp_path):
+    data = copy.deepcopy(_base())
+    assert "imc_noise_shrink" not in parse_config(data, tmp_path).trainer  # the Trainer's default (false) applies
+    data["training"]["imc_noise_shrink"] = True
+    assert parse_config(data, tmp_path).trainer["imc_noise_shrink"] is True
+    data["training"]["imc_noise_shrink"] = "yes"
+    with pytest.raises(ConfigError, match="imc_noise_shrink"):
+        parse_config(data, tmp_path)

@@ -227,6 +227,52 @@ def test_residual_noise_predicts_the_loss_of_an_exact_model_with_correlated_fram
             estimator.residual_noise(state, [target], n_blocks=bad)
 
 
+def test_residual_block_deviations_carry_the_sampling_noise_through_a_linear_map():
+    """The block deviations reproduce residual_noise exactly and predict the scatter of a projection of ρ.
+
+    Same exact-model setting as above: 20 independent batches of repeated
+    frames whose mean is the target, so ρ of each batch is pure noise and a
+    fixed linear map a·ρ scatters between batches by what the deviations predict.
+    """
+    state = StatePoint("jiggle", ["Ar"], [100], [MASS], temperature=TEMPERATURE, box=[2.0] * 3)
+    table = lj_table()
+    lattice = state.initial_positions("lattice", seed=0)
+    rng = np.random.default_rng(7)
+    n_batches, unique, repeat = 20, 10, 5
+    batches = [
+        (lattice + rng.normal(scale=0.05, size=(unique, 100, 3))).repeat(repeat, axis=0) for _ in range(n_batches)
+    ]
+    boxes = np.repeat(np.diag([2.0] * 3)[None], unique * repeat, axis=0)
+    zeros = np.zeros(unique * repeat)
+    _, g = compute_rdf(
+        torch.as_tensor(np.concatenate(batches)), torch.as_tensor(np.tile(boxes, (n_batches, 1, 1))), **GRID
+    )
+    target = Target(bin_centres(), g.numpy(), pair=("Ar", "Ar"))
+    projection = torch.as_tensor(rng.normal(size=g.shape[0]))
+    projected, predicted = [], []
+    for positions in batches:
+        snapshots = Snapshots(positions, np.zeros_like(positions), boxes, zeros, zeros.astype(np.int64), state)
+        estimator = ReweightingEstimator(**GRID)
+        estimator.reset(table, snapshots, state)
+        rho, _ = estimator.residuals(table, state, [target])
+        deviations = estimator.residual_block_deviations(state, [target], n_blocks=5)
+        assert deviations.shape == (5, rho.numel()) and deviations.dtype == torch.float64
+        # Deviations from the mean of the blocks; their squares are residual_noise's sum, term by term.
+        assert float(deviations.sum(0).abs().max()) < 1e-12
+        assert float((deviations**2).sum()) / (5 * 4) == pytest.approx(
+            estimator.residual_noise(state, [target], n_blocks=5), rel=1e-9
+        )
+        projected.append(float(projection @ rho.detach().double()))
+        predicted.append(float(((deviations @ projection) ** 2).sum()) / (5 * 4))
+    # E[(a·ρ)²] over batches against the mean prediction (5 blocks of 50 frames: a noisy estimate each).
+    assert 0.5 < np.mean(np.square(projected)) / np.mean(predicted) < 2.0
+    assert estimator.residual_block_deviations(state, [target], loss_weight=4.0, n_blocks=5) == pytest.approx(
+        2.0 * deviations
+    )
+    with pytest.raises(ValueError, match="n_blocks"):
+        estimator.residual_block_deviations(state, [target], n_blocks=1)
+
+
 def test_pressure_term_matches_virial_pressure(lj_samples):
     state, snapshots = lj_samples
     table = lj_table()

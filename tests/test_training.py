@@ -1112,6 +1112,101 @@ def test_imc_pool_drops_samples_beyond_the_radius_and_keeps_at_most_imc_pool(tmp
     assert len(trainer._imc_pool) == 1
 
 
+def test_noise_shrink_predicts_the_noise_of_a_damped_newton_step_and_shortens_a_noisy_one():
+    """Monte Carlo check of _noise_shrink: residuals ρ = ρ_true + ε with a known noise covariance.
+
+    The trace formula must match the scatter of the solved steps (in the
+    metric), and the shrunk step must land closer to the noiseless step than
+    the full one where noise dominates, and keep nearly its full length where
+    the signal does (positive-part James–Stein).
+    """
+    from openmm_diffsim.training import _damped_solve, _noise_shrink
+
+    rng = np.random.default_rng(4)
+    n_rows, n_params = 40, 6
+    jac = torch.as_tensor(rng.normal(size=(n_rows, n_params)))
+    root = torch.as_tensor(rng.normal(size=(n_rows, n_rows))) * 0.05
+    noise_cov = root @ root.T  # covariance of ε
+    jtj = jac.T @ jac
+    penalty = 0.1 * torch.eye(n_params, dtype=torch.float64)
+    metric_root = torch.as_tensor(rng.normal(size=(20, n_params)))
+    metric = metric_root.T @ metric_root
+    jtr_cov = jac.T @ noise_cov @ jac
+    results = {}
+    for label, scale in (("noise", 0.0), ("signal", 100.0)):
+        rho_true = scale * torch.as_tensor(rng.normal(size=n_rows)) * 0.05
+        exact = _damped_solve(jtj, jac.T @ rho_true, 1e-3, penalty)
+        full_errors, shrunk_errors, ratios = [], [], []
+        for _ in range(400):
+            rho = rho_true + root @ torch.as_tensor(rng.normal(size=n_rows))
+            step = _damped_solve(jtj, jac.T @ rho, 1e-3, penalty)
+            found = _noise_shrink(step, jtr_cov, jtj, 1e-3, penalty, metric)
+            assert 0.0 <= found["shrink"] <= 1.0
+            error = step - exact
+            full_errors.append(float(error @ metric @ error))
+            shrunk = found["shrink"] * step - exact
+            shrunk_errors.append(float(shrunk @ metric @ shrunk))
+            ratios.append(found["step_noise"] * float(step @ metric @ step))  # E|δ_noise|², the same every draw
+        results[label] = (np.mean(full_errors), np.mean(shrunk_errors), ratios[0], found["shrink"])
+        # The predicted noise of a step is the measured scatter of the steps about the noiseless one.
+        assert np.std(ratios) < 1e-9 * ratios[0]
+        assert 0.85 < np.mean(full_errors) / ratios[0] < 1.15
+    full, shrunk, _, _ = results["noise"]
+    assert shrunk < 0.5 * full  # pure noise: shrinking removes most of the error the step would write
+    full, shrunk, _, last_shrink = results["signal"]
+    assert shrunk < 1.02 * full and last_shrink > 0.95  # strong signal: the step stays nearly whole
+    # No noise estimate or a zero step: the step as it is.
+    zero = torch.zeros(n_params, dtype=torch.float64)
+    assert _noise_shrink(zero, jtr_cov, jtj, 1e-3, penalty, metric)["shrink"] == 1.0
+    assert _noise_shrink(step, torch.zeros_like(jtr_cov), jtj, 1e-3, penalty, metric)["shrink"] == 1.0
+
+
+def test_imc_noise_shrink_scales_the_step_by_the_noise_of_the_sample(tmp_path):
+    trainer = quick_trainer(
+        tmp_path, optimizer="imc", imc_noise_shrink=True, max_epochs=2, n_snapshots=12, max_potential_change=0.05
+    )
+    history = trainer.fit()
+    for record in history:
+        step = record["imc"]
+        assert 0.0 <= step["shrink"] <= 1.0 and step["step_noise"] >= 0.0
+    # The plumbing: a sample whose noise swamps the step leaves u(r) where it is; no noise, the plain step.
+    for covariance, expected in ((1e6, 0.0), (0.0, 1.0)):
+        t = quick_trainer(tmp_path / f"c{covariance}", optimizer="imc", imc_noise_shrink=True, n_snapshots=12)
+        t._jtr_noise_covariance = lambda rows, c=covariance: c * torch.eye(2, dtype=torch.float64)  # σ, ε
+        plain = quick_trainer(tmp_path / f"p{covariance}", optimizer="imc", n_snapshots=12)
+        jtj = torch.eye(2, dtype=torch.float64)
+        jtr = torch.tensor([-0.01, 0.005], dtype=torch.float64)
+        for each in (t, plain):
+            each._residual_rows = lambda: {}
+            each._normal_equations = lambda rows, jtj=jtj, jtr=jtr: (jtj, jtr, 1.0)
+            each._residual_jacobian = lambda jtj=jtj, jtr=jtr: (jtj, jtr, 1.0)
+        before = t._flat_parameters()
+        shrunk = t._imc_step()
+        plain_step = plain._imc_step()
+        assert shrunk["shrink"] == pytest.approx(expected, abs=1e-6)
+        if expected == 0.0:
+            assert shrunk["max_change_kT"] == 0.0
+            assert torch.equal(t._flat_parameters(), before)
+        else:
+            assert shrunk["max_change_kT"] == pytest.approx(plain_step["max_change_kT"], rel=1e-9)
+    # The noise behind an undone step's system is kept with it (and survives a checkpoint).
+    t = quick_trainer(tmp_path / "undo", optimizer="imc", imc_noise_shrink=True, imc_reject_factor=2.0)
+    t._residual_rows = lambda: {}
+    t._normal_equations = lambda rows: (jtj, jtr, 1.0)
+    t._jtr_noise_covariance = lambda rows: 1e-9 * torch.eye(2, dtype=torch.float64)
+    t._loss_noise = lambda: 0.0
+    t._imc_step()
+    assert torch.equal(t._imc_last["noise_cov"], 1e-9 * torch.eye(2, dtype=torch.float64))
+    (tmp_path / "undo").mkdir()
+    t.save_checkpoint()
+    assert torch.equal(Trainer.resume(tmp_path / "undo")._imc_last["noise_cov"], t._imc_last["noise_cov"])
+    # Refused: a non-boolean, and pooling (a pooled step has its own noise).
+    with pytest.raises(ValueError, match="imc_noise_shrink must be True or False"):
+        quick_trainer(optimizer="imc", imc_noise_shrink=1)
+    with pytest.raises(ValueError, match="imc_pool"):
+        quick_trainer(optimizer="imc", imc_noise_shrink=True, imc_pool=2)
+
+
 def test_imc_pool_runs_in_training_and_bad_values_are_refused(tmp_path):
     trainer = quick_trainer(
         tmp_path, optimizer="imc", imc_pool=3, max_epochs=3, n_snapshots=12, max_potential_change=0.02

@@ -107,6 +107,9 @@ METHODS = (
     "imc-grow",
     "imc-cautious",
     "imc-relative",
+    "imc-shrink",
+    "imc-shrink-cautious",
+    "imc-polish",
     "ibi",
 )
 
@@ -197,6 +200,23 @@ METHOD_SETTINGS["imc-cautious"] = dict(METHOD_SETTINGS["imc-grow"], max_potentia
 # them): near a phase boundary the first peak's slow fluctuations outweighed the
 # repulsive wall, which every imc-* fit of the seed runs left 0.1-0.4 kT too soft.
 METHOD_SETTINGS["imc-relative"] = dict(METHOD_SETTINGS["imc-grow"], estimator_options=dict(bin_weighting="relative"))
+# imc-grow whose Newton steps are shortened by the share of their length that the
+# sample's own noise accounts for (imc_noise_shrink): at the noise floor a full
+# step writes a 100-frame sample's noise into u(r), which drifted 0.04 -> 0.14 kT
+# over three steps on the dense liquid at T* = 1.5 (docs/experiments.md).
+METHOD_SETTINGS["imc-shrink"] = dict(METHOD_SETTINGS["imc-grow"], imc_noise_shrink=True)
+# The same shrinkage on imc-cautious (first cap 0.25 kT): the small first step
+# against the first-step overshoot near the LJ critical point, the shrinkage
+# against the late ones (a 0.22 kT step near the noise floor raised the loss 40x).
+METHOD_SETTINGS["imc-shrink-cautious"] = dict(METHOD_SETTINGS["imc-cautious"], imc_noise_shrink=True)
+# imc-grow whose last two steps each take 400 frames and no curvature penalty
+# (POLISH below): scaled to the trace of JᵀJ, which the first peak dominates, the
+# penalty outweighs the wall's data. Three 400-frame Newton steps on Morse at
+# rho* = 0.7 each fixed the wall (0.16 -> 0.03-0.08 kT) only without it; from
+# 100 frames the unpenalised step scattered (0.06-0.27 kT).
+METHOD_SETTINGS["imc-polish"] = dict(METHOD_SETTINGS["imc-grow"])
+#: Option changes made after the given number of epochs (the trainer reads them every step).
+POLISH: Dict[str, Dict[str, Any]] = {"imc-polish": dict(after_epoch=6, n_snapshots=400, imc_smoothing=0.0)}
 
 
 # -- cases ---------------------------------------------------------------------------------------------------
@@ -383,7 +403,12 @@ def train(method: str, table: PairTable, states, epochs: int, output: Path, seed
     # machine a steadier cost measure than wall time.
     cpu_start = time.process_time()
 
+    polish = dict(POLISH.get(method, {}))
+    polish_after = polish.pop("after_epoch", None)
+
     def keep(run, record):
+        if polish_after is not None and run.epoch == polish_after:
+            run.options.update(polish)
         if run.epoch in saves:
             replicas = estimator_options.get("n_replicas", 0)
             saved.append(
@@ -870,6 +895,7 @@ def main(argv=None) -> int:
         "scale": scale,
         **{k: v for k, v in SCALES[scale].items()},
         "methods": METHOD_SETTINGS,
+        "schedules": POLISH,
         "rdf_grid": RDF_GRID,
         "sampler": SAMPLER,
         "knot_spacing": KNOT_SPACING,

@@ -148,3 +148,36 @@ def test_potential_error_split_into_wall_and_beyond(regions):
     assert recombined == pytest.approx(split["resolved"], rel=1e-12)
     assert split["wall"] > split["beyond"] > 0  # a changed σ moves the steep wall most
     assert split["worst_wall_kT"] >= split["wall"]
+
+
+def test_polish_schedule_changes_the_options_after_its_epoch(paper, tmp_path, monkeypatch):
+    """imc-polish: the trainer's options switch to the POLISH values once `after_epoch` epochs are done."""
+    seen = []
+
+    class FakeTrainer:
+        def __init__(self, table, states, estimator, callbacks, max_epochs, **options):
+            self.options, self.callbacks, self.max_epochs = dict(options), callbacks, max_epochs
+            self.table, self.epoch, self.history = table, 0, []
+            self.md_steps = self.rollout_steps = 0
+            self.wall_time = 0.0
+
+        def fit(self):
+            for _ in range(self.max_epochs):
+                seen.append((self.options["n_snapshots"], self.options["imc_smoothing"]))
+                self.epoch += 1
+                self.history.append({})
+                for callback in self.callbacks:
+                    callback(self, {})
+
+    monkeypatch.setattr(paper, "Trainer", FakeTrainer)
+    schedule = paper.POLISH["imc-polish"]
+    epochs = schedule["after_epoch"] + 2
+    paper.train("imc-polish", object(), [], epochs, tmp_path, seed=1, platform=None, points=3)
+    before = (paper.METHOD_SETTINGS["imc-polish"]["n_snapshots"], paper.METHOD_SETTINGS["imc-polish"]["imc_smoothing"])
+    after = (schedule["n_snapshots"], schedule["imc_smoothing"])
+    assert before != after
+    assert seen == [before] * schedule["after_epoch"] + [after] * 2
+    # Other methods keep their settings throughout.
+    seen.clear()
+    paper.train("imc-grow", object(), [], 8, tmp_path, seed=1, platform=None, points=3)
+    assert set(seen) == {before}

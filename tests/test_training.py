@@ -1200,6 +1200,12 @@ def test_imc_noise_shrink_scales_the_step_by_the_noise_of_the_sample(tmp_path):
     (tmp_path / "undo").mkdir()
     t.save_checkpoint()
     assert torch.equal(Trainer.resume(tmp_path / "undo")._imc_last["noise_cov"], t._imc_last["noise_cov"])
+    # An overshoot (loss 10x) retakes the step from its own system and noise, not the fresh sample's:
+    # the fresh noise here would shrink the step to nothing, the kept one leaves it whole.
+    t._normal_equations = lambda rows: (jtj, jtr, 10.0)
+    t._jtr_noise_covariance = lambda rows: 1e6 * torch.eye(2, dtype=torch.float64)
+    retaken = t._imc_step()
+    assert retaken["undone"] and retaken["shrink"] > 0.99 and retaken["max_change_kT"] > 0
     # Refused: a non-boolean, and pooling (a pooled step has its own noise).
     with pytest.raises(ValueError, match="imc_noise_shrink must be True or False"):
         quick_trainer(optimizer="imc", imc_noise_shrink=1)

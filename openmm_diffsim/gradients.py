@@ -640,16 +640,12 @@ class ReweightingEstimator:
         float
             The noise part of the loss (dimensionless, like ``ρ·ρ``); NaN with fewer than 2 frames.
         """
-        targets_prepared, means = self._block_means(targets, n_blocks)
-        if means is None:
+        deviations = self.residual_block_deviations(state, targets, loss_weight, n_blocks)
+        blocks = deviations.shape[0]
+        if blocks < 2:
             return float("nan")
-        blocks = means.shape[0]
-        variance_of_mean = means.var(0, unbiased=True) / blocks
-        scale = float(state.weight) * float(loss_weight)
-        total = 0.0
-        for k, t in enumerate(targets_prepared):
-            total += scale * float((_bin_weights(t) * variance_of_mean[k]).sum())
-        return total
+        # Σ_b d_b² / (B (B - 1)): the variance of the mean of the blocks, weighted like the loss.
+        return float((deviations**2).sum()) / (blocks * (blocks - 1))
 
     def residual_block_deviations(self, state, targets, loss_weight: float = 1.0, n_blocks: int = 5) -> Tensor:
         """Deviations of block-mean residuals from the sample's mean residual (RDF rows), for step noise.
@@ -681,34 +677,24 @@ class ReweightingEstimator:
             first in :meth:`residuals`, before any pressure or energy rows).
             Shape (0, M_rdf) with fewer than 2 frames.
         """
-        targets_prepared, means = self._block_means(targets, n_blocks)
-        n_rows = sum(t.g.shape[0] for t in targets_prepared)
-        if means is None:
-            return torch.zeros(0, n_rows, dtype=torch.float64)
-        scale = float(state.weight) * float(loss_weight)
-        deviations = means - means.mean(0, keepdim=True)  # (B, n_targets, n_bins)
-        parts = [torch.sqrt(scale * _bin_weights(t)) * deviations[:, k] for k, t in enumerate(targets_prepared)]
-        return torch.cat(parts, dim=1).to(torch.float64)
-
-    def _block_means(self, targets, n_blocks: int):
-        """Prepared targets and the mean RDF rows of ``n_blocks`` consecutive blocks of frames, or None for them.
-
-        Shape (B, n_targets, n_bins); the earliest frames are dropped when
-        the blocks do not divide them evenly. None with fewer than 2 frames.
-        """
         if self._snapshots is None:
             raise RuntimeError("call reset(table, snapshots) or the estimator first")
         if isinstance(n_blocks, bool) or not isinstance(n_blocks, (int, np.integer)) or n_blocks < 2:
             raise ValueError(f"n_blocks must be an integer of at least 2, got {n_blocks!r}")
         targets_prepared = _prepare_targets(self._table, targets, self.r, self.target_outside, self.bin_weighting)
+        n_rows = sum(t.g.shape[0] for t in targets_prepared)
         n_frames = self._rdfs.shape[0]
         blocks = min(int(n_blocks), n_frames)
         if blocks < 2:
-            return targets_prepared, None
-        size = n_frames // blocks
+            return torch.zeros(0, n_rows, dtype=torch.float64)
+        size = n_frames // blocks  # the earliest frames are dropped when the blocks do not divide them
         rows = [t.row for t in targets_prepared]
         frames = self._rdfs[-blocks * size :, rows]  # (blocks * size, n_targets, n_bins)
-        return targets_prepared, frames.reshape(blocks, size, *frames.shape[1:]).mean(1)
+        means = frames.reshape(blocks, size, *frames.shape[1:]).mean(1)
+        scale = float(state.weight) * float(loss_weight)
+        deviations = means - means.mean(0, keepdim=True)  # (B, n_targets, n_bins)
+        parts = [torch.sqrt(scale * _bin_weights(t)) * deviations[:, k] for k, t in enumerate(targets_prepared)]
+        return torch.cat(parts, dim=1).to(torch.float64)
 
     def _check_thermodynamic_targets(self, state) -> None:
         if self.pressure_weight > 0:

@@ -953,15 +953,13 @@ class Trainer:
             covariance = self._reduce_residual_sums(covariance)[0]
         return covariance
 
+    def _pair_energy(self, pair, r: torch.Tensor) -> torch.Tensor:
+        """u(r) of one pair type (kJ/mol), differentiable in the parameters: the whole potential, prior included."""
+        return self.table.energy_and_derivative(r, torch.full_like(r, self.table.pair_index(pair), dtype=torch.long))[0]
+
     def _potential_metric(self) -> torch.Tensor:
         """``BᵀB``, B the Jacobian of u(r)/kT on the smoothing grids: |δ|² in it is the squared change of u(r)."""
-
-        def total(pair, r):
-            return self.table.energy_and_derivative(
-                r, torch.full_like(r, self.table.pair_index(pair), dtype=torch.long)
-            )[0]
-
-        found = self._grid_differences(total, order=0)
+        found = self._grid_differences(self._pair_energy, order=0)
         if found is None:
             n_params = sum(p.numel() for p in self._trainable())
             return torch.eye(n_params, dtype=torch.float64)
@@ -1190,12 +1188,7 @@ class Trainer:
         kT in the demo's first shell (docs/training.md, E36, E37).
         """
 
-        def total(pair, r):
-            return self.table.energy_and_derivative(
-                r, torch.full_like(r, self.table.pair_index(pair), dtype=torch.long)
-            )[0]
-
-        found = self._grid_differences(total, order=2, refine=2)
+        found = self._grid_differences(self._pair_energy, order=2, refine=2)
         if found is None:
             n_params = sum(p.numel() for p in self._trainable())
             return torch.zeros(n_params, n_params, dtype=torch.float64)

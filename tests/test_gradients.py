@@ -189,56 +189,17 @@ def test_reweighting_rdfs_from_the_shared_pair_search_equal_compute_partial_rdfs
         np.testing.assert_allclose(estimator._rdfs[frame].numpy(), g.numpy(), rtol=1e-12, atol=1e-12)
 
 
-def test_residual_noise_predicts_the_loss_of_an_exact_model_with_correlated_frames():
-    """Independent frames, the target their exact mean: the RDF loss is pure sampling noise, which
-    residual_noise predicts from one sample.
+def exact_model_samples(n_batches: int, seed: int):
+    """Independent batches of 50 frames (10 jiggled lattices, each repeated five times in a row), and a
+    target that is the mean RDF of all batches: ~ the exact RDF, so each batch's residual is sampling noise.
 
-    Every frame is repeated five times in a row, so a per-frame variance would
-    underestimate the noise fivefold; block averages must not.
+    Returns ``(state, table, target, estimators)``, one reset ReweightingEstimator per batch, and the rng.
     """
     state = StatePoint("jiggle", ["Ar"], [100], [MASS], temperature=TEMPERATURE, box=[2.0] * 3)
     table = lj_table()
     lattice = state.initial_positions("lattice", seed=0)
-    rng = np.random.default_rng(12)
-    n_batches, unique, repeat = 30, 10, 5
-    batches = [
-        (lattice + rng.normal(scale=0.05, size=(unique, 100, 3))).repeat(repeat, axis=0) for _ in range(n_batches)
-    ]
-    boxes = np.repeat(np.diag([2.0] * 3)[None], unique * repeat, axis=0)
-    zeros = np.zeros(unique * repeat)
-    everything = np.concatenate(batches)
-    _, g = compute_rdf(torch.as_tensor(everything), torch.as_tensor(np.tile(boxes, (n_batches, 1, 1))), **GRID)
-    target = Target(bin_centres(), g.numpy(), pair=("Ar", "Ar"))  # the mean of all batches: ~ the exact RDF
-    losses, noises = [], []
-    for positions in batches:
-        snapshots = Snapshots(positions, np.zeros_like(positions), boxes, zeros, zeros.astype(np.int64), state)
-        estimator = ReweightingEstimator(**GRID)
-        estimator.reset(table, snapshots, state)
-        rho, _ = estimator.residuals(table, state, [target])
-        losses.append(float(rho.detach() @ rho.detach()))
-        noises.append(estimator.residual_noise(state, [target]))
-    # Each batch's own mean moved the target by 1/30 of its noise: E[loss] = (1 - 1/30) noise. Measured
-    # over seeds: 0.75-0.99 with 20 batches; the variance of single frames would give 4-5.4.
-    assert 0.65 < np.mean(losses) / np.mean(noises) < 1.5
-    # Weighting the state scales it as it scales the loss; too few blocks is refused.
-    assert estimator.residual_noise(state, [target], loss_weight=3.0) == pytest.approx(3.0 * noises[-1])
-    for bad in (1, 2.5, "ten", True):
-        with pytest.raises(ValueError, match="n_blocks"):
-            estimator.residual_noise(state, [target], n_blocks=bad)
-
-
-def test_residual_block_deviations_carry_the_sampling_noise_through_a_linear_map():
-    """The block deviations reproduce residual_noise exactly and predict the scatter of a projection of ρ.
-
-    Same exact-model setting as above: 20 independent batches of repeated
-    frames whose mean is the target, so ρ of each batch is pure noise and a
-    fixed linear map a·ρ scatters between batches by what the deviations predict.
-    """
-    state = StatePoint("jiggle", ["Ar"], [100], [MASS], temperature=TEMPERATURE, box=[2.0] * 3)
-    table = lj_table()
-    lattice = state.initial_positions("lattice", seed=0)
-    rng = np.random.default_rng(7)
-    n_batches, unique, repeat = 20, 10, 5
+    rng = np.random.default_rng(seed)
+    unique, repeat = 10, 5
     batches = [
         (lattice + rng.normal(scale=0.05, size=(unique, 100, 3))).repeat(repeat, axis=0) for _ in range(n_batches)
     ]
@@ -248,29 +209,69 @@ def test_residual_block_deviations_carry_the_sampling_noise_through_a_linear_map
         torch.as_tensor(np.concatenate(batches)), torch.as_tensor(np.tile(boxes, (n_batches, 1, 1))), **GRID
     )
     target = Target(bin_centres(), g.numpy(), pair=("Ar", "Ar"))
-    projection = torch.as_tensor(rng.normal(size=g.shape[0]))
-    projected, predicted = [], []
+    estimators = []
     for positions in batches:
         snapshots = Snapshots(positions, np.zeros_like(positions), boxes, zeros, zeros.astype(np.int64), state)
         estimator = ReweightingEstimator(**GRID)
         estimator.reset(table, snapshots, state)
+        estimators.append(estimator)
+    return state, table, target, estimators, rng
+
+
+def test_residual_noise_predicts_the_loss_of_an_exact_model_with_correlated_frames():
+    """Independent frames, the target their exact mean: the RDF loss is pure sampling noise, which
+    residual_noise predicts from one sample.
+
+    Every frame is repeated five times in a row, so a per-frame variance would
+    underestimate the noise fivefold; block averages must not.
+    """
+    state, table, target, estimators, _ = exact_model_samples(30, seed=12)
+    losses, noises = [], []
+    for estimator in estimators:
+        rho, _ = estimator.residuals(table, state, [target])
+        losses.append(float(rho.detach() @ rho.detach()))
+        noises.append(estimator.residual_noise(state, [target]))
+    # Each batch's own mean moved the target by 1/30 of its noise: E[loss] = (1 - 1/30) noise. Measured
+    # over seeds: 0.75-0.99 with 20 batches; the variance of single frames would give 4-5.4.
+    assert 0.65 < np.mean(losses) / np.mean(noises) < 1.5
+    # By hand: the variance of the mean of 10 blocks of 5 frames, bins weighted 1/n_bins as in the loss.
+    rdfs = estimators[-1]._rdfs[:, 0].numpy()
+    block_means = rdfs.reshape(10, 5, -1).mean(1)
+    by_hand = float((block_means.var(0, ddof=1) / 10).sum()) / rdfs.shape[1]
+    assert noises[-1] == pytest.approx(by_hand, rel=1e-9)
+    # Weighting the state scales it as it scales the loss; too few blocks is refused.
+    assert estimators[-1].residual_noise(state, [target], loss_weight=3.0) == pytest.approx(3.0 * noises[-1])
+    for bad in (1, 2.5, "ten", True):
+        with pytest.raises(ValueError, match="n_blocks"):
+            estimators[-1].residual_noise(state, [target], n_blocks=bad)
+
+
+def test_residual_block_deviations_carry_the_sampling_noise_through_a_linear_map():
+    """The block deviations are the block-mean residuals about their mean and predict the scatter of a
+    projection of ρ: in the exact-model setting above, ρ of each batch is pure noise, and a fixed linear
+    map a·ρ scatters between batches by what the deviations predict.
+    """
+    state, table, target, estimators, rng = exact_model_samples(20, seed=7)
+    projection = torch.as_tensor(rng.normal(size=target.g.shape[0]))
+    projected, predicted = [], []
+    for estimator in estimators:
         rho, _ = estimator.residuals(table, state, [target])
         deviations = estimator.residual_block_deviations(state, [target], n_blocks=5)
         assert deviations.shape == (5, rho.numel()) and deviations.dtype == torch.float64
-        # Deviations from the mean of the blocks; their squares are residual_noise's sum, term by term.
-        assert float(deviations.sum(0).abs().max()) < 1e-12
-        assert float((deviations**2).sum()) / (5 * 4) == pytest.approx(
-            estimator.residual_noise(state, [target], n_blocks=5), rel=1e-9
-        )
         projected.append(float(projection @ rho.detach().double()))
         predicted.append(float(((deviations @ projection) ** 2).sum()) / (5 * 4))
-    # E[(a·ρ)²] over batches against the mean prediction (5 blocks of 50 frames: a noisy estimate each).
+    # By hand for the last batch: block means of 10 frames about their mean, times sqrt(1/n_bins).
+    rdfs = estimators[-1]._rdfs[:, 0].numpy()
+    block_means = rdfs.reshape(5, 10, -1).mean(1)
+    by_hand = (block_means - block_means.mean(0)) / np.sqrt(rdfs.shape[1])
+    np.testing.assert_allclose(deviations.numpy(), by_hand, rtol=1e-9, atol=1e-12)
+    # E[(a·ρ)²] over batches against the mean prediction (5 blocks of 10 frames: a noisy estimate each).
     assert 0.5 < np.mean(np.square(projected)) / np.mean(predicted) < 2.0
-    assert estimator.residual_block_deviations(state, [target], loss_weight=4.0, n_blocks=5) == pytest.approx(
+    assert estimators[-1].residual_block_deviations(state, [target], loss_weight=4.0, n_blocks=5) == pytest.approx(
         2.0 * deviations
     )
     with pytest.raises(ValueError, match="n_blocks"):
-        estimator.residual_block_deviations(state, [target], n_blocks=1)
+        estimators[-1].residual_block_deviations(state, [target], n_blocks=1)
 
 
 def test_pressure_term_matches_virial_pressure(lj_samples):

@@ -147,6 +147,13 @@ def test_potential_error_split_into_wall_and_beyond(regions):
     recombined = np.sqrt((n_wall * split["wall"] ** 2 + n_beyond * split["beyond"] ** 2) / (n_wall + n_beyond))
     assert recombined == pytest.approx(split["resolved"], rel=1e-12)
     assert split["wall"] > split["beyond"] > 0  # a changed σ moves the steep wall most
+    # The removed offset is the mean difference, and the uncentred rms recombines it with the centred one.
+    diff = (other.evaluate(r[masks["resolved"]], 0)[0] - truth.evaluate(r[masks["resolved"]], 0)[0]) / kT
+    assert split["offset"] == pytest.approx(float(np.mean(diff)), rel=1e-12) and split["offset"] != 0.0
+    assert split["uncentred"] ** 2 == pytest.approx(split["resolved"] ** 2 + split["offset"] ** 2, rel=1e-10)
+    whole = pe.potential_error(other, truth, [state])
+    assert whole["uncentred_rms_kT"] == pytest.approx(split["uncentred"], rel=1e-12)
+    assert whole["offset_kT"] == pytest.approx(split["offset"], rel=1e-12)
     assert split["worst_wall_kT"] >= split["wall"]
 
 
@@ -181,3 +188,30 @@ def test_polish_schedule_changes_the_options_after_its_epoch(paper, tmp_path, mo
     seen.clear()
     paper.train("imc-grow", object(), [], 8, tmp_path, seed=1, platform=None, points=3)
     assert set(seen) == {before}
+
+
+def test_newton_step_regions_initial_trainer_is_the_first_step_of_a_fit(paper):
+    """--initial: a trainer at the experiments' initial guess with the method's settings and the asked frames."""
+    from openmm_diffsim.systems import StatePoint
+    from openmm_diffsim.targets import Target
+
+    path = SCRIPT.parent / "newton_step_regions.py"
+    spec = importlib.util.spec_from_file_location("newton_step_regions", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    pe = module.pe
+    truth = pe.lj_table()
+    kT = pe.kelvin(1.2) * pe.MOLAR_GAS_CONSTANT
+    r = np.linspace(0.0125, 2.4875, 100)
+    g = np.exp(-np.asarray(truth.evaluate(np.maximum(r, 0.5), 0)[0]) / kT)  # dilute gas
+    state = StatePoint(
+        "gas", ["A"], [64], [1.0], temperature=pe.kelvin(1.2), density=0.05, targets=[Target(r, g, ("A", "A"))]
+    )
+    trainer = module.initial_trainer("imc-shrink-light", [state], frames=37, seed=3)
+    settings = pe.METHOD_SETTINGS["imc-shrink-light"]
+    assert trainer.options["n_snapshots"] == 37 and trainer.options["optimizer"] == "imc"
+    assert trainer.options["imc_smoothing"] == settings["imc_smoothing"] == 0.01
+    assert trainer.options["imc_noise_shrink"] is True
+    guess = pe.spline_table_from_targets([state], pe.CUTOFF, knot_spacing=pe.KNOT_SPACING)
+    grid = np.linspace(0.9, 2.45, 40)
+    np.testing.assert_allclose(trainer.table.evaluate(grid, 0)[0], guess.evaluate(grid, 0)[0], rtol=0, atol=1e-12)

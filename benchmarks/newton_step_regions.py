@@ -31,8 +31,6 @@ import copy
 import sys
 from pathlib import Path
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import paper_experiments as pe  # noqa: E402
 import potential_error_regions as regions  # noqa: E402
@@ -68,6 +66,8 @@ def main(argv=None) -> int:
     pe.attach_targets(args.case, case, "reduced", output / "targets", None)
     truth, states = case["truth"](), case["train"]
     if args.initial:
+        if args.seed_folder:
+            parser.error("--initial starts from the initial guess, not from a saved run: drop --seed-folder")
         if args.method not in pe.METHOD_SETTINGS or not args.method.startswith("imc"):
             parser.error(f"--initial needs an imc method of paper_experiments.py, got {args.method!r}")
         trainer = initial_trainer(args.method, states, args.frames, args.seed)
@@ -88,13 +88,13 @@ def main(argv=None) -> int:
     jtj, jtr, _ = trainer._normal_equations(rows)
     noise = trainer._jtr_noise_covariance(rows)
     metric = trainer._potential_metric()
-    curvature = trainer._curvature_matrix()
     start = trainer._flat_parameters().clone()
     before_grid = trainer._potential_on_target_grid()
     cap = float(trainer.options["max_potential_change"])
     damping = trainer.options["imc_damping"]
     for weight in args.smoothing:
-        penalty = None if weight == 0 else weight * float(torch.trace(jtj)) / float(torch.trace(curvature)) * curvature
+        trainer.options["imc_smoothing"] = weight  # the trainer's own penalty at this weight
+        penalty = trainer._smoothing_penalty(jtj)
         step = _damped_solve(jtj, jtr, damping, penalty)
         shrink = _noise_shrink(step, noise, jtj, damping, penalty, metric)["shrink"]
         trainer._set_flat_parameters(start + step)

@@ -365,6 +365,22 @@ def evaluate_states(table, states, scale: str, seed: int, platform: Optional[str
     return out
 
 
+def potential_difference(table: PairTable, truth: PairTable, train_states, k: int):
+    """(region, diff): the bins of the RDF grid where g_target > 0.1 at any training state for pair type ``k``
+    (inside the cutoff), and (u_learned - u_true)/kT on them, offset kept."""
+    kT = float(np.mean([s.kT for s in train_states]))
+    pair = truth.pair_keys()[k]
+    r = np.asarray(train_states[0].targets[0].r)
+    resolved = np.zeros(r.shape, dtype=bool)
+    for state in train_states:
+        for t in state.targets:
+            if {tuple(t.pair), tuple(reversed(t.pair))} & {pair}:
+                resolved |= np.asarray(t.g) > 0.1
+    region = resolved & (r < CUTOFF)
+    diff = (table.evaluate(r[region], k)[0] - truth.evaluate(r[region], k)[0]) / kT
+    return region, np.asarray(diff, dtype=float)
+
+
 def potential_error(table: PairTable, truth: PairTable, train_states) -> Dict[str, float]:
     """u(r) error against the truth in k_B T, where g_target > 0.1 at any training state, offset removed per pair.
 
@@ -374,20 +390,12 @@ def potential_error(table: PairTable, truth: PairTable, train_states) -> Dict[st
     is more sensitive than to any local one; ``offset_kT`` is that level
     (largest in magnitude over the pair types).
     """
-    kT = float(np.mean([s.kT for s in train_states]))
     rms, worst, uncentred, offsets = [], [], [], []
-    for k, pair in enumerate(truth.pair_keys()):
-        r = np.asarray(train_states[0].targets[0].r)
-        resolved = np.zeros(r.shape, dtype=bool)
-        for state in train_states:
-            for t in state.targets:
-                if {tuple(t.pair), tuple(reversed(t.pair))} & {pair}:
-                    resolved |= np.asarray(t.g) > 0.1
-        region = resolved & (r < CUTOFF)
-        diff = (table.evaluate(r[region], k)[0] - truth.evaluate(r[region], k)[0]) / kT
+    for k in range(len(truth.pair_keys())):
+        diff = potential_difference(table, truth, train_states, k)[1]
         uncentred.append(float(np.sqrt(np.mean(diff**2))))
         offsets.append(float(diff.mean()))
-        diff -= diff.mean()
+        diff = diff - diff.mean()
         rms.append(float(np.sqrt(np.mean(diff**2))))
         worst.append(float(np.abs(diff).max()))
     return {

@@ -63,11 +63,11 @@ def error_by_region(table, truth, train_states) -> Dict[str, float]:
 
     The offset is removed over all resolved bins, as in ``paper_experiments.potential_error``.
     """
-    kT = float(np.mean([s.kT for s in train_states]))
     masks = region_masks(train_states)
     r = np.asarray(train_states[0].targets[0].r)
-    region = masks["resolved"]
-    diff = np.asarray((table.evaluate(r[region], 0)[0] - truth.evaluate(r[region], 0)[0]) / kT, dtype=float)
+    region, diff = pe.potential_difference(table, truth, train_states, 0)
+    if not np.array_equal(region, masks["resolved"]):
+        raise ValueError("the resolved bins differ from paper_experiments.potential_error's (more than one pair type?)")
     # Both potentials are shifted to zero at the cutoff, so the offset is physical:
     # a level of the whole resolved range against u(r_c), i.e. a step at the
     # cutoff, which near a critical point moves g(r) more than any local error.

@@ -111,6 +111,7 @@ METHODS = (
     "imc-shrink-cautious",
     "imc-shrink-unsmoothed",
     "imc-shrink-light",
+    "imc-level",
     "imc-polish",
     "ibi",
 )
@@ -218,6 +219,12 @@ METHOD_SETTINGS["imc-shrink-cautious"] = dict(METHOD_SETTINGS["imc-cautious"], i
 # keeps the step from fitting the target as closely as IBI does.
 METHOD_SETTINGS["imc-shrink-unsmoothed"] = dict(METHOD_SETTINGS["imc-shrink"], imc_smoothing=0.0)
 METHOD_SETTINGS["imc-shrink-light"] = dict(METHOD_SETTINGS["imc-shrink"], imc_smoothing=0.01)
+# imc-shrink-light whose steps move the level of u(r) (its mean over the resolved
+# bins, against u(r_c)) by at most a tenth of the cap (imc_level_fraction): from
+# the Boltzmann-inversion guess at the LJ state near its critical point the Newton
+# step moved that level 2.6x the correction it needed, and 4 of 6 first steps of
+# imc-shrink-light there overshot (docs/experiments.md).
+METHOD_SETTINGS["imc-level"] = dict(METHOD_SETTINGS["imc-shrink-light"], imc_level_fraction=0.1)
 # imc-grow whose last two steps each take 400 frames and no curvature penalty
 # (POLISH below): scaled to the trace of JᵀJ, which the first peak dominates, the
 # penalty outweighs the wall's data. Three 400-frame Newton steps on Morse at

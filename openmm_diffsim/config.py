@@ -793,6 +793,7 @@ _TRAINING_KEYS = {
     "imc_pool": dict(integer=True, positive=True),
     "imc_pool_radius": dict(positive=True),
     "imc_max_cap": dict(positive=True),
+    "imc_level_fraction": dict(positive=True),
     "max_potential_change": dict(positive=True),
     "average_last": dict(integer=True, non_negative=True),
 }

@@ -330,6 +330,26 @@ class Trainer:
         an overshoot is undone as usual. At least ``max_potential_change``;
         None (default): the cap never exceeds ``max_potential_change``. See
         docs/training.md.
+    imc_level_fraction : float or None
+        ``optimizer="imc"``: bound the step's change of the level of u(r), the
+        mean of u(r)/kT (cutoff convention applied, so against u(r_c) when
+        shifted) over the bins where a target of that pair type has
+        g(r) > 0.05, to this fraction of the step's cap on the change of u(r)
+        (``max_potential_change``, or the grown or halved cap of
+        ``imc_max_cap`` and of an undo). A step that would move the level
+        further loses the excess as the least change of u(r) that removes
+        it, a uniform shift over those bins, so the rest of the step keeps its
+        shape and the wall is corrected as the step would have it (the Newton
+        system as the measure of "least" would put the excess into the wall,
+        which the data see least). Logged as ``level_wanted_kT`` and
+        ``level_kT``; for ``imc_max_cap`` a step the bound shortened counts
+        as one the cap shortened. Near a critical point the RDF
+        responds to the level (a uniform attraction) far more than linearly:
+        from the Boltzmann-inversion guess at the LJ state of the paper's first
+        experiment the Newton step moved it 2.6 times the correction it needed.
+        The bound removed that overshoot there, but where the level must move
+        far it holds the fit back (docs/experiments.md). In (0, 1]; None
+        (default): no bound beyond the cap. See docs/training.md.
     """
 
     def __init__(
@@ -372,6 +392,7 @@ class Trainer:
         imc_max_cap: Optional[float] = None,
         imc_check_last: bool = True,
         imc_noise_shrink: bool = False,
+        imc_level_fraction: Optional[float] = None,
     ):
         states = check_fit_inputs(table, states, "Trainer")
         if isinstance(estimator, str) and estimator not in ESTIMATORS:
@@ -398,6 +419,13 @@ class Trainer:
             raise ValueError(f"imc_noise_shrink must be True or False, got {imc_noise_shrink!r}")
         if imc_noise_shrink and int(imc_pool) > 1:
             raise ValueError("imc_noise_shrink cannot be combined with imc_pool > 1 (a pooled step has its own noise)")
+        if imc_level_fraction is not None and not (
+            isinstance(imc_level_fraction, (int, float))
+            and not isinstance(imc_level_fraction, bool)
+            and math.isfinite(float(imc_level_fraction))
+            and 0 < float(imc_level_fraction) <= 1
+        ):
+            raise ValueError(f"imc_level_fraction must be a number in (0, 1] (or None), got {imc_level_fraction!r}")
         if not (math.isfinite(float(imc_pool_radius)) and float(imc_pool_radius) > 0):
             raise ValueError(f"imc_pool_radius must be a positive number (kT), got {imc_pool_radius}")
         if imc_max_cap is not None:
@@ -444,6 +472,7 @@ class Trainer:
             imc_max_cap=None if imc_max_cap is None else float(imc_max_cap),
             imc_check_last=imc_check_last,
             imc_noise_shrink=imc_noise_shrink,
+            imc_level_fraction=None if imc_level_fraction is None else float(imc_level_fraction),
             max_potential_change=float(max_potential_change),
             average_last=int(average_last),
             max_epochs=int(max_epochs),
@@ -956,6 +985,37 @@ class Trainer:
     def _pair_energy(self, pair, r: torch.Tensor) -> torch.Tensor:
         """u(r) of one pair type (kJ/mol), differentiable in the parameters: the whole potential, prior included."""
         return self.table.energy_and_derivative(r, torch.full_like(r, self.table.pair_index(pair), dtype=torch.long))[0]
+
+    def _level_rows(self) -> torch.Tensor:
+        """Rows ``∂ℓ_k/∂θ``, shape (K, n_params): ℓ_k the level of u(r)/kT of pair type k.
+
+        The level is the mean of u(r)/kT (cutoff convention applied) over the
+        bins where a target of that pair type has g(r) > 0.05, pooled over the
+        states (kT of the coldest). Recomputed every step: an analytic prior's
+        σ makes the rows depend on the parameters. Pair types no target
+        resolves have no row.
+        """
+        from .gradients import _jacobian
+
+        kT = min(float(s.kT) for s in self.states)
+        grids: Dict[tuple, List[np.ndarray]] = {}
+        for state in self.states:
+            for target in state.targets:
+                r = np.asarray(target.r, dtype=float)
+                keep = (np.asarray(target.g) > 0.05) & (r > 0) & (r < self.table.cutoff)
+                if keep.any():
+                    key = self.table.pair_keys()[self.table.pair_index(tuple(target.pair))]
+                    grids.setdefault(key, []).append(r[keep])
+        params = self._trainable()
+        rows = []
+        for pair, parts in grids.items():
+            r = torch.as_tensor(np.unique(np.concatenate(parts)), dtype=torch.float64)
+            with torch.enable_grad():
+                mean = (self._pair_energy(pair, r).to(torch.float64) / kT).mean()
+                rows.append(_jacobian(mean.reshape(1), params))
+        if not rows:
+            return torch.zeros(0, sum(p.numel() for p in params), dtype=torch.float64)
+        return torch.cat(rows)
 
     def _potential_metric(self) -> torch.Tensor:
         """``BᵀB``, B the Jacobian of u(r)/kT on the smoothing grids: |δ|² in it is the squared change of u(r)."""
@@ -1553,11 +1613,26 @@ class Trainer:
         metric = self._potential_metric() if noise_cov is not None else None
         shrink: Dict[str, float] = {}
 
+        level_fraction = self.options.get("imc_level_fraction")
+        level_rows = level_metric = None
+        if level_fraction is not None:
+            level_rows = self._level_rows()
+            level_metric = metric if metric is not None else self._potential_metric()
+        level: Dict[str, Any] = {}
+
         def solve(damping: float) -> torch.Tensor:
             step = _damped_solve(jtj, jtr, damping, penalty)
             if noise_cov is not None:
                 shrink.update(_noise_shrink(step, noise_cov, jtj, damping, penalty, metric))
                 step = shrink["shrink"] * step
+            if level_rows is not None:
+                # The excess level leaves as the least change of u(r) (a uniform shift): the
+                # Newton system as the metric would move it into the wall, which the data
+                # see least, and hold the mean by lowering u(r) elsewhere (measured on LJ:
+                # walls 0.03-0.17 kT off over three seeds; with the change of u(r) added to
+                # it, 0.04-0.14; with the change of u(r) alone, 0.01-0.02; docs/experiments.md).
+                step, wanted, bounded = _bound_level(step, level_metric, level_rows, level_fraction * limit)
+                level.update(level_wanted_kT=wanted, level_bounded=bounded)
             return step
 
         step = solve(damping)
@@ -1576,7 +1651,11 @@ class Trainer:
             # step to remove from the loss: -(2 δ·Jᵀρ + δᵀJᵀJδ).
             delta = self._flat_parameters() - before
             self._imc_last["predicted_drop"] = float(-(2.0 * delta @ data_jtr + delta @ data_jtj @ delta))
-            self._imc_last["capped"] = bool(scale < 1.0 and hole_shrinks == 0)  # the cap alone shortened it
+            # The cap alone (on the change of u(r), or on its level) shortened it.
+            self._imc_last["capped"] = bool((scale < 1.0 or level.get("level_bounded")) and hole_shrinks == 0)
+        if level_rows is not None:
+            taken = self._flat_parameters() - before
+            level["level_kT"] = float((level_rows @ taken.to(level_rows.dtype)).abs().max())
         self.snapshots.clear()
         return {
             "max_change_kT": moved,
@@ -1586,6 +1665,7 @@ class Trainer:
             "damping": damping,
             **({} if roughness is None else {"roughness": roughness}),
             **shrink,
+            **level,
             **(
                 {}
                 if factor is None
@@ -2045,6 +2125,33 @@ def _damped_solve(
     optional extra penalty (the smoothing of ``imc_smoothing``).
     """
     return -torch.linalg.solve(_damped_system(matrix, damping, penalty), rhs)
+
+
+def _bound_level(step: torch.Tensor, metric: torch.Tensor, rows: torch.Tensor, bound: float) -> tuple:
+    """``imc_level_fraction``: the step with each level change ``rows @ step`` held within ±``bound`` kT.
+
+    Where the step δ₀ would move a level ℓ_k = a_k·θ further than ``bound``,
+    it is replaced by the step nearest to it in ``metric`` G whose levels are
+    clipped to ±bound: ``δ = δ₀ + G⁻¹Aᵀ (A G⁻¹Aᵀ)⁺ (c - A δ₀)``, G with a
+    ridge of 1e-9 of its mean diagonal (parameters G does not see). The
+    trainer passes BᵀB, B the Jacobian of u(r)/kT on the smoothing grids:
+    the excess then leaves as the least change of u(r), a uniform shift over
+    the level's bins, and the rest of the step keeps its shape.
+    Returns ``(step, largest wanted |level change| in kT, whether it was bounded)``.
+    """
+    if rows.shape[0] == 0:
+        return step, 0.0, False
+    rows = rows.to(step.dtype)
+    levels = rows @ step
+    wanted = float(levels.abs().max())
+    if wanted <= bound:
+        return step, wanted, False
+    clipped = levels.clamp(-bound, bound)
+    metric = metric.to(step.dtype)
+    ridge = 1e-9 * float(torch.diagonal(metric).mean()) + 1e-300
+    g_inv_at = torch.linalg.solve(metric + ridge * torch.eye(metric.shape[0], dtype=step.dtype), rows.T)
+    multipliers = torch.linalg.pinv(rows @ g_inv_at) @ (clipped - levels)
+    return step + g_inv_at @ multipliers, wanted, True
 
 
 def _noise_shrink(

@@ -529,3 +529,13 @@ def test_imc_noise_shrink_reaches_the_trainer(tmp_path):
     data["training"]["imc_noise_shrink"] = "yes"
     with pytest.raises(ConfigError, match="imc_noise_shrink"):
         parse_config(data, tmp_path)
+
+
+def test_imc_level_fraction_reaches_the_trainer(tmp_path):
+    data = copy.deepcopy(_base())
+    assert "imc_level_fraction" not in parse_config(data, tmp_path).trainer  # the Trainer's default (None) applies
+    data["training"]["imc_level_fraction"] = 0.1
+    assert parse_config(data, tmp_path).trainer["imc_level_fraction"] == 0.1
+    data["training"]["imc_level_fraction"] = 0
+    with pytest.raises(ConfigError, match=r"training\.imc_level_fraction: must be positive"):
+        parse_config(data, tmp_path)

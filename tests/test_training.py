@@ -1227,3 +1227,147 @@ def test_imc_pool_runs_in_training_and_bad_values_are_refused(tmp_path):
     for value in (0.0, float("nan")):
         with pytest.raises(ValueError, match="imc_pool_radius"):
             quick_trainer(optimizer="imc", imc_pool=2, imc_pool_radius=value)
+
+
+def test_bound_level_removes_the_excess_level_with_the_least_change_of_u():
+    """_bound_level: the levels land on ±bound, by the step nearest the given one in the metric."""
+    from openmm_diffsim.training import _bound_level
+
+    rng = np.random.default_rng(7)
+    n = 8
+    root = torch.as_tensor(rng.normal(size=(n, n)))
+    metric = root @ root.T + 0.5 * torch.eye(n, dtype=torch.float64)  # G, symmetric positive definite
+    full = torch.as_tensor(rng.normal(size=n))  # the step as solved
+    rows = torch.as_tensor(rng.normal(size=(2, n)))  # A: two levels
+    wanted = float((rows @ full).abs().max())
+    bound = 0.3 * wanted
+    step, reported, bounded = _bound_level(full, metric, rows, bound)
+    assert bounded and reported == pytest.approx(wanted)
+    levels = rows @ step
+    torch.testing.assert_close(levels, (rows @ full).clamp(-bound, bound))
+    # Optimality (KKT): G (δ - δ₀) lies in the span of the rows.
+    moved = metric @ (step - full)
+    coefficients = torch.linalg.lstsq(rows.T, moved.unsqueeze(1)).solution
+    torch.testing.assert_close(rows.T @ coefficients.squeeze(1), moved, atol=1e-8, rtol=1e-8)
+
+    def distance(d):
+        return float((d - full) @ metric @ (d - full))
+
+    # Any other step with the same levels lies further from the given one.
+    null = torch.linalg.svd(rows).Vh[2:]  # directions that leave both levels alone
+    for _ in range(20):
+        other = step + null.T @ torch.as_tensor(rng.normal(size=n - 2)) * 0.1
+        torch.testing.assert_close(rows @ other, levels)
+        assert distance(other) > distance(step)
+    # Within the bound (or with no rows) the step is returned as it was.
+    same, _, bounded = _bound_level(full, metric, rows, 2.0 * wanted)
+    assert not bounded and torch.equal(same, full)
+    assert _bound_level(full, metric, rows[:0], 0.0)[0] is full
+
+
+def test_imc_level_fraction_bounds_the_level_of_the_step_and_keeps_the_wall_correction(tmp_path):
+    knots = np.linspace(0.29, 0.74, 16)
+    kT = float(small_state().kT)
+
+    def trainer(**extra):
+        options = dict(optimizer="imc", max_potential_change=0.5, imc_damping=1e-6, progress=False)
+        return Trainer(prior_plus_spline(knots), [small_state()], "reweighting", **{**options, **extra})
+
+    bounded, plain = trainer(imc_level_fraction=0.1), trainer()
+    whole = trainer(max_potential_change=5.0)  # the same step, uncapped
+    # _level_rows is the derivative of the mean of u/kT over the bins where g > 0.05 (finite difference).
+    rows = bounded._level_rows()
+    assert rows.shape == (1, len(knots))
+    target = bounded.states[0].targets[0]
+    r = np.asarray(target.r)
+    grid = r[(np.asarray(target.g) > 0.05) & (r > 0) & (r < CUTOFF)]
+
+    def level(t):
+        return float(np.mean(t.table.evaluate(grid, 0)[0])) / kT
+
+    delta = torch.as_tensor(np.random.default_rng(2).normal(size=len(knots))) * 0.01
+    start = level(bounded)
+    bounded._set_flat_parameters(bounded._flat_parameters() + delta)
+    assert level(bounded) - start == pytest.approx(float(rows[0] @ delta), rel=1e-6, abs=1e-12)
+    bounded._set_flat_parameters(bounded._flat_parameters() - delta)
+    # A Newton system whose full step lowers every knot but the last (near the cutoff, against which
+    # u is shifted) by 0.4 kT and the innermost three by 0.4 kT more: a level change of about 0.4 kT,
+    # bounded to 0.1 x 0.5 = 0.05 kT.
+    wanted = -0.4 * kT * torch.ones(len(knots), dtype=torch.float64)
+    wanted[-1] = 0.0
+    wanted[:3] -= 0.4 * kT
+    jtj = torch.eye(len(knots), dtype=torch.float64)
+    for t in (bounded, plain, whole):
+        t._residual_jacobian = lambda: (jtj, -jtj @ wanted, 1.0)
+    before = level(bounded)
+    u_before = bounded.table.evaluate(grid, 0)[0]
+    record = bounded._imc_step()
+    plain_record = plain._imc_step()
+    whole._imc_step()
+    # The excess left as a near-uniform shift of u(r) over the level's bins (away from the
+    # cutoff, against which u is shifted): the shape of the step is kept (here the model,
+    # JᵀJ = 1, weighs every knot alike, as the change of u(r) does).
+    removed = (whole.table.evaluate(grid, 0)[0] - bounded.table.evaluate(grid, 0)[0]) / kT
+    inner = removed[grid < 0.6]
+    assert inner.mean() < -0.2 and inner.std() < 0.1 * abs(inner.mean())
+    # The wall's move against the rest is the uncapped step's.
+    for t in (bounded, whole):
+        change = (t.table.evaluate(grid, 0)[0] - u_before) / kT
+        t.wall_move = change[0] - change[grid < 0.6].mean()
+    # (Within a quarter: the least change of u(r) tapers into the core below the first bin.)
+    assert whole.wall_move < -0.2 and bounded.wall_move == pytest.approx(whole.wall_move, rel=0.25)
+    assert record["level_bounded"] and record["level_wanted_kT"] > 0.3
+    # Bounded to 0.05 kT, then the whole step shortened by the 0.5 kT cap on the change of u(r).
+    assert record["level_kT"] == pytest.approx(0.05 * record["step_scale"], rel=1e-6)
+    assert abs(level(bounded) - before) == pytest.approx(record["level_kT"], rel=1e-6)
+    assert abs(level(plain) - before) > 0.2 and "level_kT" not in plain_record
+    # The innermost knots' extra drop (the "wall" here) is still taken: the bound removed the uniform part.
+    spline = bounded.table.pair_potentials[0].terms[1].values.detach()
+    assert float(spline[:3].mean() - spline[3:-1].mean()) < -0.3 * kT
+    assert not bounded._has_core_hole(bounded._wall_grids())
+    # Bad values are refused; the configuration file takes it.
+    for bad in (0.0, 1.5, float("nan"), True, "0.1"):
+        with pytest.raises(ValueError, match="imc_level_fraction"):
+            trainer(imc_level_fraction=bad)
+    (tmp_path / "ckpt").mkdir()
+    bounded.output_dir = tmp_path / "ckpt"
+    bounded.save_checkpoint()
+    assert Trainer.resume(tmp_path / "ckpt").options["imc_level_fraction"] == 0.1
+
+
+def test_imc_level_bound_does_not_move_the_excess_into_the_wall(tmp_path):
+    """Where the data barely see the wall knots, the Newton model as the measure would hold the mean
+    level by raising the wall; the least change of u(r) (the trainer's measure) leaves the wall in place."""
+    from openmm_diffsim.training import _bound_level, _damped_system
+
+    knots = np.linspace(0.29, 0.74, 16)
+    kT = float(small_state().kT)
+    trainer = Trainer(
+        prior_plus_spline(knots),
+        [small_state()],
+        "reweighting",
+        optimizer="imc",
+        max_potential_change=5.0,
+        imc_damping=1e-6,
+        imc_level_fraction=0.02,
+        progress=False,
+    )
+    diagonal = torch.ones(len(knots), dtype=torch.float64)
+    diagonal[:3] = 1e-4  # the wall knots: the data barely see them
+    jtj = torch.diag(diagonal)
+    wanted = -0.4 * kT * torch.ones(len(knots), dtype=torch.float64)
+    wanted[-1] = 0.0
+    trainer._residual_jacobian = lambda: (jtj, -jtj @ wanted, 1.0)
+    rows = trainer._level_rows()
+    record = trainer._imc_step()
+    assert record["level_bounded"] and record["step_scale"] == 1.0
+    change = trainer.table.pair_potentials[0].terms[1].values.detach()  # the knots started at zero
+
+    def wall_lift(step):
+        return float(step[:3].mean() - step[3:-1].mean()) / kT
+
+    # The model alone, for contrast: the excess (0.4 - 0.1 kT) piled into the three wall knots.
+    system = _damped_system(jtj, 1e-6)
+    newton_only = _bound_level(wanted, system, rows, record["level_kT"])[0]
+    assert wall_lift(newton_only) > 1.0
+    assert abs(wall_lift(change)) < 0.25  # measured: -0.17 kT (the shift tapers into the core), against 2.25

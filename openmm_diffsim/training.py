@@ -1630,7 +1630,8 @@ class Trainer:
                 # Newton system as the metric would move it into the wall, which the data
                 # see least, and hold the mean by lowering u(r) elsewhere (measured on LJ:
                 # walls 0.03-0.17 kT off over three seeds; with the change of u(r) added to
-                # it, 0.04-0.14; with the change of u(r) alone, 0.01-0.02; docs/experiments.md).
+                # it, 0.04-0.14; with the change of u(r) alone, 0.01-0.02 and, on other
+                # targets, 0.06-0.12; docs/experiments.md).
                 step, wanted, bounded = _bound_level(step, level_metric, level_rows, level_fraction * limit)
                 level.update(level_wanted_kT=wanted, level_bounded=bounded)
             return step

@@ -35,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import paper_experiments as pe  # noqa: E402
 import potential_error_regions as regions  # noqa: E402
 
-from openmm_diffsim.training import Trainer, _damped_solve, _noise_shrink  # noqa: E402
+from openmm_diffsim.training import Trainer, _damped_solve, _largest_change, _noise_shrink  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -98,7 +98,7 @@ def main(argv=None) -> int:
         step = _damped_solve(jtj, jtr, damping, penalty)
         shrink = _noise_shrink(step, noise, jtj, damping, penalty, metric)["shrink"]
         trainer._set_flat_parameters(start + step)
-        largest = max_change(trainer, before_grid)
+        largest = _largest_change(before_grid, trainer._potential_on_target_grid())
         # The trainer's cap: the whole step scaled until u(r) moves by at most the cap where g > 0.05.
         capped = min(1.0, cap / largest) if largest > 0 else 1.0
         for fraction, name in ((1.0, "full"), (0.5, "half"), (capped, f"capped to {cap:g} kT")):
@@ -112,12 +112,6 @@ def main(argv=None) -> int:
 
 def row(e) -> str:
     return f"{e['resolved']:9.3f} {e['wall']:7.3f} {e['beyond']:7.3f} {e['offset']:+7.3f}"
-
-
-def max_change(trainer, before_grid) -> float:
-    """Largest change of u(r)/kT where a target has g > 0.05 (what the trainer's cap bounds)."""
-    after = trainer._potential_on_target_grid()
-    return max(float(abs(a - b).max()) for a, b in zip(after, before_grid, strict=True))
 
 
 def initial_trainer(method: str, states, frames: int, seed: int) -> Trainer:

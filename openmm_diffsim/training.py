@@ -999,13 +999,8 @@ class Trainer:
 
         kT = min(float(s.kT) for s in self.states)
         grids: Dict[tuple, List[np.ndarray]] = {}
-        for state in self.states:
-            for target in state.targets:
-                r = np.asarray(target.r, dtype=float)
-                keep = (np.asarray(target.g) > 0.05) & (r > 0) & (r < self.table.cutoff)
-                if keep.any():
-                    key = self.table.pair_keys()[self.table.pair_index(tuple(target.pair))]
-                    grids.setdefault(key, []).append(r[keep])
+        for pair, r in self._target_grids():
+            grids.setdefault(self.table.pair_keys()[self.table.pair_index(pair)], []).append(r)
         params = self._trainable()
         rows = []
         for pair, parts in grids.items():
@@ -1058,7 +1053,7 @@ class Trainer:
         radius = self.options["imc_pool_radius"]
 
         def near(old) -> bool:
-            return all(float(np.abs(a - b).max()) <= radius for a, b in zip(old["u"], u_now, strict=True))
+            return _largest_change(old["u"], u_now) <= radius
 
         self._imc_pool = [old for old in self._imc_pool if near(old)] + [entry]
         del self._imc_pool[:-size]
@@ -1137,19 +1132,28 @@ class Trainer:
             "reweighted_loss_after": loss1,
         }
 
+    def _target_grids(self) -> List[tuple]:
+        """Per target with any: (pair, r), the bins where its g(r) > 0.05 inside the cutoff.
+
+        Where the caps of the IMC step (``max_potential_change``,
+        ``imc_level_fraction``) and the pool radius measure u(r).
+        """
+        grids = []
+        for state in self.states:
+            for target in state.targets:
+                r = np.asarray(target.r, dtype=float)
+                keep = (np.asarray(target.g) > 0.05) & (r > 0) & (r < self.table.cutoff)
+                if keep.any():
+                    grids.append((tuple(target.pair), r[keep]))
+        return grids
+
     def _potential_on_target_grid(self) -> List[np.ndarray]:
-        """u(r)/kT of every target pair where its g(r) > 0.05 (kT of the coldest state)."""
+        """u(r)/kT on :meth:`_target_grids` (kT of the coldest state)."""
         kT = min(float(s.kT) for s in self.states)
-        values = []
         with torch.no_grad():
-            for state in self.states:
-                for target in state.targets:
-                    r = np.asarray(target.r, dtype=float)
-                    keep = (np.asarray(target.g) > 0.05) & (r > 0) & (r < self.table.cutoff)
-                    if keep.any():
-                        u, _ = self.table.evaluate(r[keep], pair=tuple(target.pair))
-                        values.append(np.asarray(u, dtype=float) / kT)
-        return values
+            return [
+                np.asarray(self.table.evaluate(r, pair=pair)[0], dtype=float) / kT for pair, r in self._target_grids()
+            ]
 
     def _target_walls(self) -> List[tuple]:
         """Per target: (pair, r_wall, bin width), r_wall the first r where g_target > 1e-3."""
@@ -1328,8 +1332,7 @@ class Trainer:
                     offset += n
 
         def change() -> float:
-            after = self._potential_on_target_grid()
-            return max((float(np.abs(a - b).max()) for a, b in zip(after, before, strict=True)), default=0.0)
+            return _largest_change(before, self._potential_on_target_grid())
 
         walls = self._wall_grids()
         scale = 1.0
@@ -2126,6 +2129,11 @@ def _damped_solve(
     optional extra penalty (the smoothing of ``imc_smoothing``).
     """
     return -torch.linalg.solve(_damped_system(matrix, damping, penalty), rhs)
+
+
+def _largest_change(before: List[np.ndarray], after: List[np.ndarray]) -> float:
+    """Largest |after - before| over the grids of :meth:`Trainer._potential_on_target_grid` (0 if none)."""
+    return max((float(np.abs(a - b).max()) for a, b in zip(after, before, strict=True)), default=0.0)
 
 
 def _bound_level(step: torch.Tensor, metric: torch.Tensor, rows: torch.Tensor, bound: float) -> tuple:

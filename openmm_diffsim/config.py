@@ -794,6 +794,7 @@ _TRAINING_KEYS = {
     "imc_pool_radius": dict(positive=True),
     "imc_max_cap": dict(positive=True),
     "imc_level_fraction": dict(positive=True),
+    "imc_ibi_prior": dict(non_negative=True),
     "max_potential_change": dict(positive=True),
     "average_last": dict(integer=True, non_negative=True),
 }

@@ -613,6 +613,32 @@ class ReweightingEstimator:
             n_eff = float(torch.exp(-(w * torch.log(torch.clamp(w, min=1e-300))).sum())) / w.shape[0]
         return torch.cat(parts), n_eff
 
+    def sample_rdfs(self, targets) -> List[Tuple[tuple, np.ndarray, np.ndarray]]:
+        """The snapshots' own RDF beside each target, frames weighted equally, on the estimator's grid.
+
+        For a fresh sample, drawn at the current parameters, this is the RDF
+        the residuals compare with the target before any reweighting (what
+        IBI's correction ``kT ln(g/g_target)`` reads).
+
+        Parameters
+        ----------
+        targets : list of Target
+            The RDF targets (resampled onto the grid ``self.r``, in nm, as the loss does).
+
+        Returns
+        -------
+        list of (pair, g_sample, g_target)
+            Per target: its pair of species names and two arrays of shape (n_bins,).
+        """
+        if self._snapshots is None:
+            raise RuntimeError("call reset(table, snapshots) or the estimator first")
+        prepared = _prepare_targets(self._table, targets, self.r, self.target_outside, self.bin_weighting)
+        mean = self._rdfs.mean(0)
+        return [
+            (tuple(target.pair), mean[t.row].numpy().copy(), t.g.numpy().copy())
+            for target, t in zip(targets, prepared, strict=True)
+        ]
+
     def residual_noise(self, state, targets, loss_weight: float = 1.0, n_blocks: int = 10) -> float:
         """Expected part of ``ρ·ρ`` that is sampling noise, at the snapshots' own parameters (RDF rows).
 

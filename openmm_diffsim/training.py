@@ -350,6 +350,25 @@ class Trainer:
         The bound removed that overshoot there, but where the level must move
         far it holds the fit back (docs/experiments.md). In (0, 1]; None
         (default): no bound beyond the cap. See docs/training.md.
+    imc_ibi_prior : float
+        ``optimizer="imc"``: weight ν of a pull of each step towards IBI's
+        correction of the same sample, ``kT ln(g_sample(r)/g_target(r))``
+        (clipped to the step's cap), on the repulsive wall: the bins where a
+        target has g(r) > 0.05 below the first r where it reaches 1. The step
+        minimises ``|ρ + Jδ|² + ν' |Bδ - d|²`` (plus the other penalties), B
+        the change of u(r)/kT on those bins, d IBI's correction there,
+        ν' = ν trace(JᵀJ)/trace(BᵀB). Where the data pin a direction down the
+        Newton step decides it; where they barely see it (the wall beside a
+        first peak that fluctuates slowly near coexistence) IBI's bin-by-bin
+        correction does (there a change of u(r) shows up nearly one for one
+        in -kT ln g(r)), instead of nothing. Beyond the wall the data decide alone:
+        pulled there too, u(r) took up IBI's reading of the first peak's
+        fluctuations (docs/experiments.md). With ``imc_noise_shrink`` only
+        the data's part of the step is shrunk.
+        Logged as ``ibi_prior_share``, the length of the prior's part of the
+        step's change of u(r) on the wall over that of the whole step (above
+        1 where the data's part opposes it). 0 (default) turns it off. See
+        docs/training.md.
     """
 
     def __init__(
@@ -393,6 +412,7 @@ class Trainer:
         imc_check_last: bool = True,
         imc_noise_shrink: bool = False,
         imc_level_fraction: Optional[float] = None,
+        imc_ibi_prior: float = 0.0,
     ):
         states = check_fit_inputs(table, states, "Trainer")
         if isinstance(estimator, str) and estimator not in ESTIMATORS:
@@ -404,7 +424,11 @@ class Trainer:
         for name, value in (("imc_damping", imc_damping), ("max_potential_change", max_potential_change)):
             if not (math.isfinite(float(value)) and float(value) > 0):
                 raise ValueError(f"{name} must be a positive number, got {value}")
-        for name, value in (("imc_smoothing", imc_smoothing), ("imc_roughness", imc_roughness)):
+        for name, value in (
+            ("imc_smoothing", imc_smoothing),
+            ("imc_roughness", imc_roughness),
+            ("imc_ibi_prior", imc_ibi_prior),
+        ):
             if not (math.isfinite(float(value)) and float(value) >= 0):
                 raise ValueError(f"{name} must be a non-negative number, got {value}")
         if imc_reject_factor is not None and not (
@@ -473,6 +497,7 @@ class Trainer:
             imc_check_last=imc_check_last,
             imc_noise_shrink=imc_noise_shrink,
             imc_level_fraction=None if imc_level_fraction is None else float(imc_level_fraction),
+            imc_ibi_prior=float(imc_ibi_prior),
             max_potential_change=float(max_potential_change),
             average_last=int(average_last),
             max_epochs=int(max_epochs),
@@ -1019,6 +1044,53 @@ class Trainer:
             n_params = sum(p.numel() for p in self._trainable())
             return torch.eye(n_params, dtype=torch.float64)
         return found[0].T @ found[0]
+
+    def _ibi_prior(self, limit: float) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
+        """``imc_ibi_prior``: ``BᵀB`` and ``Bᵀd`` of the current samples, or None (no bin to take them on).
+
+        B (rows ∂(u(r)/kT)/∂θ, kT of the coldest state) and d (IBI's full
+        correction ``kT_s ln(g_sample/g_target)`` in that kT, clipped to
+        ±``limit``) are taken on each target's wall: the bins where
+        g_target > 0.05, inside the cutoff and below the first r where
+        g_target reaches 1 (all of them where it never does), on the
+        estimator's grid, rows scaled by the square root of the state's
+        weight; summed over states (and ranks).
+        """
+        from .gradients import _jacobian
+        from .ibi import ibi_update
+
+        kT_min = min(float(s.kT) for s in self.states)
+        params = self._trainable()
+        n_params = sum(p.numel() for p in params)
+        matrix = torch.zeros(n_params, n_params, dtype=torch.float64)
+        rhs = torch.zeros(n_params, dtype=torch.float64)
+        for state in self._states_here():
+            estimator = self.reweighting[state.name]
+            r = np.asarray(estimator.r, dtype=float)
+            scale = math.sqrt(float(state.weight))
+            for pair, g_sample, g_target in estimator.sample_rdfs(state.targets):
+                keep = (g_target > 0.05) & (r > 0) & (r < self.table.cutoff)
+                peak = np.nonzero(g_target >= 1.0)[0]
+                if peak.size:
+                    # The wall only: beyond it IBI's ratio carries the first peak's slow
+                    # fluctuations, which the pull wrote into u(r) (Morse at rho* = 0.5: beyond
+                    # the wall 0.053 kT off with every bin pulled, 0.016 with the wall alone).
+                    keep &= r < r[peak[0]]
+                if not keep.any():
+                    continue
+                correction = ibi_update(r, g_sample, g_target, float(state.kT))[keep] / kT_min
+                correction = np.clip(correction, -limit, limit)
+                grid = torch.as_tensor(r[keep], dtype=torch.float64)
+                with torch.enable_grad():
+                    u = self._pair_energy(pair, grid).to(torch.float64) / kT_min
+                    rows = scale * _jacobian(u, params)
+                matrix = matrix + rows.T @ rows
+                rhs = rhs + rows.T @ (scale * torch.as_tensor(correction, dtype=torch.float64))
+        if self._dist is not None:
+            matrix, rhs = self._reduce_residual_sums(matrix, rhs)
+        if not float(torch.trace(matrix)) > 0:
+            return None
+        return matrix, rhs
 
     def _residual_jacobian(self):
         """``JᵀJ``, ``Jᵀρ`` and ``ρ·ρ`` of the reweighted residuals (summed over ranks)."""
@@ -1592,6 +1664,11 @@ class Trainer:
                 pool = None
             else:
                 jtj, jtr = pool["jtj"], pool["jtr"]
+        prior = None
+        if self.options.get("imc_ibi_prior", 0.0) > 0:
+            # IBI's correction read off the sample the step is solved from: on an
+            # undo that is the earlier sample, not the one the overshoot drew.
+            prior = last.get("prior") if undone else self._ibi_prior(limit)
         if factor is not None:
             self._imc_last = {
                 "parameters": self._flat_parameters().clone(),
@@ -1605,16 +1682,25 @@ class Trainer:
                 "limit": float(limit),
                 "undos": undos,
                 **({} if noise_cov is None else {"noise_cov": noise_cov.clone()}),
+                **({} if prior is None else {"prior": (prior[0].clone(), prior[1].clone())}),
             }
         data_jtj, data_jtr = jtj, jtr  # the linear model of the data, before any penalty joins it
         penalty = self._smoothing_penalty(jtj)
         roughness = None
         if self.options.get("imc_roughness", 0.0) > 0:
             penalty, jtr, roughness = self._roughness_penalty(jtj, penalty, jtr)
+        prior_rhs = None
+        if prior is not None:
+            # ν' |Bδ - d|² joins the system: ν' BᵀB to the matrix, -ν' Bᵀd to Jᵀρ;
+            # kept apart as its own solve so the noise shrinkage judges the data's part alone.
+            weight = self.options["imc_ibi_prior"] * float(torch.trace(jtj)) / float(torch.trace(prior[0]))
+            penalty = weight * prior[0] if penalty is None else penalty + weight * prior[0]
+            prior_rhs = -weight * prior[1]
         damping = self.options["imc_damping"]
         before = self._flat_parameters()
         metric = self._potential_metric() if noise_cov is not None else None
         shrink: Dict[str, float] = {}
+        prior_log: Dict[str, float] = {}
 
         level_fraction = self.options.get("imc_level_fraction")
         level_rows = level_metric = None
@@ -1628,6 +1714,13 @@ class Trainer:
             if noise_cov is not None:
                 shrink.update(_noise_shrink(step, noise_cov, jtj, damping, penalty, metric))
                 step = shrink["shrink"] * step
+            if prior_rhs is not None:
+                towards_ibi = _damped_solve(jtj, prior_rhs, damping, penalty)
+                whole = step + towards_ibi
+                length = float(whole @ prior[0] @ whole)
+                share = math.sqrt(float(towards_ibi @ prior[0] @ towards_ibi) / length) if length > 0 else 0.0
+                prior_log["ibi_prior_share"] = share
+                step = whole
             if level_rows is not None:
                 # The excess level leaves as the least change of u(r) (a uniform shift): the
                 # Newton system as the metric would move it into the wall, which the data
@@ -1669,6 +1762,7 @@ class Trainer:
             "damping": damping,
             **({} if roughness is None else {"roughness": roughness}),
             **shrink,
+            **prior_log,
             **level,
             **(
                 {}

@@ -539,3 +539,13 @@ def test_imc_level_fraction_reaches_the_trainer(tmp_path):
     data["training"]["imc_level_fraction"] = 0
     with pytest.raises(ConfigError, match=r"training\.imc_level_fraction: must be positive"):
         parse_config(data, tmp_path)
+
+
+def test_imc_ibi_prior_reaches_the_trainer(tmp_path):
+    data = copy.deepcopy(_base())
+    assert "imc_ibi_prior" not in parse_config(data, tmp_path).trainer  # the Trainer's default (0) applies
+    data["training"]["imc_ibi_prior"] = 0.01
+    assert parse_config(data, tmp_path).trainer["imc_ibi_prior"] == 0.01
+    data["training"]["imc_ibi_prior"] = -0.1
+    with pytest.raises(ConfigError, match=r"training\.imc_ibi_prior: must be non-negative"):
+        parse_config(data, tmp_path)

@@ -2,6 +2,7 @@
 
 import functools
 import json
+import math
 
 import numpy as np
 import pytest
@@ -1372,3 +1373,172 @@ def test_imc_level_bound_does_not_move_the_excess_into_the_wall(tmp_path):
     newton_only = _bound_level(wanted, system, rows, record["level_kT"])[0]
     assert wall_lift(newton_only) > 1.0
     assert abs(wall_lift(change)) < 0.25  # measured: -0.17 kT (the shift tapers into the core), against 2.25
+
+
+class _FakeSample:
+    """Stands in for a state's reweighting estimator: a sampled RDF beside the target, on its grid."""
+
+    def __init__(self, state, log_ratio):
+        target = state.targets[0]
+        self.r = np.asarray(target.r, dtype=float)
+        self.g_target = np.asarray(target.g, dtype=float)
+        self.g_sample = self.g_target * np.exp(log_ratio(self.r))
+
+    def sample_rdfs(self, targets):
+        return [(("Ar", "Ar"), self.g_sample.copy(), self.g_target.copy())]
+
+
+def _u_over_kT_jacobian(trainer, grid, kT):
+    """∂(u(r)/kT)/∂θ on ``grid`` by central differences of the table's own evaluate (independent of autograd)."""
+    start = trainer._flat_parameters().clone()
+    columns = []
+    for k in range(start.numel()):
+        shifted = []
+        for sign in (1.0, -1.0):
+            trial = start.clone()
+            trial[k] += sign * 1e-4
+            trainer._set_flat_parameters(trial)
+            shifted.append(np.asarray(trainer.table.evaluate(grid, 0)[0], dtype=float) / kT)
+        columns.append((shifted[0] - shifted[1]) / 2e-4)
+    trainer._set_flat_parameters(start)
+    return np.stack(columns, axis=1)
+
+
+def test_imc_ibi_prior_follows_ibi_at_the_wall_where_the_data_are_blind_and_newton_where_they_see():
+    from openmm_diffsim.ibi import ibi_update
+
+    knots = np.linspace(0.29, 0.74, 16)
+    state = small_state()
+    kT = float(state.kT)
+    cutoff = CUTOFF
+
+    # The sample over-populates the target by a smooth ln(g/g_target) that vanishes at the cutoff:
+    # IBI's correction raises u(r) by up to ~0.3 kT at the wall.
+    def log_ratio(r):
+        return 0.3 * np.clip(1.0 - r / cutoff, 0.0, None) ** 2 / (1.0 - 0.3 / cutoff) ** 2
+
+    def trainer(jtj, jtr, ratio=log_ratio, **extra):
+        options = dict(optimizer="imc", max_potential_change=5.0, imc_damping=1e-6, progress=False)
+        t = Trainer(prior_plus_spline(knots), [state], "reweighting", **{**options, **extra})
+        t.reweighting = {state.name: _FakeSample(state, ratio)}
+        t._residual_jacobian = lambda: (jtj, jtr, 1.0)
+        return t
+
+    fake = _FakeSample(state, log_ratio)
+    # The wall: g_target > 0.05 below the first r where it reaches 1 (the dilute-gas target peaks above 1).
+    first_peak = fake.r[np.nonzero(fake.g_target >= 1.0)[0][0]]
+    wall = (fake.g_target > 0.05) & (fake.r > 0) & (fake.r < first_peak)
+    beyond = (fake.g_target > 0.05) & (fake.r >= first_peak) & (fake.r < cutoff)
+    assert wall.sum() >= 3 and beyond.sum() > 20
+    grid = fake.r[wall]
+    correction = ibi_update(fake.r, fake.g_sample, fake.g_target, kT)[wall] / kT  # IBI's own, in kT
+    assert correction.min() > 0.2
+    n = len(knots)
+    blind_jtj, no_data = 1e-10 * torch.eye(n, dtype=torch.float64), torch.zeros(n, dtype=torch.float64)
+
+    # Data blind to every knot: the step takes IBI's correction on the wall bins.
+    blind = trainer(blind_jtj, no_data, imc_ibi_prior=1e6)
+    jacobian = _u_over_kT_jacobian(blind, grid, kT)
+    before = blind._flat_parameters().clone()
+    u_before = np.asarray(blind.table.evaluate(grid, 0)[0]) / kT
+    record = blind._imc_step()
+    taken = (blind._flat_parameters() - before).numpy()
+    np.testing.assert_allclose(jacobian @ taken, correction, atol=2e-3)  # the autograd rows agree with these
+    moved = np.asarray(blind.table.evaluate(grid, 0)[0]) / kT - u_before
+    np.testing.assert_allclose(moved, correction, atol=2e-3)
+    assert record["ibi_prior_share"] == pytest.approx(1.0, abs=1e-6) and record["step_scale"] == 1.0
+    # Beyond the wall IBI's ratio is not read: a sample off the target only there moves nothing.
+    far = trainer(blind_jtj, no_data, ratio=lambda r: 0.3 * (r >= first_peak) * (r < cutoff), imc_ibi_prior=1e6)
+    start = far._flat_parameters().clone()
+    assert far._imc_step()["max_change_kT"] < 1e-6 and torch.allclose(far._flat_parameters(), start)
+
+    # The data see every knot but the three innermost (the wall) and want no change anywhere but a
+    # -0.2 kT move of knots 6-9. With a light prior (0.01) the seen knots keep the Newton step
+    # and the wall takes IBI's correction instead of staying put.
+    diagonal = torch.ones(n, dtype=torch.float64)
+    diagonal[:3] = 1e-8
+    jtj = torch.diag(diagonal)
+    wanted = torch.zeros(n, dtype=torch.float64)
+    wanted[6:10] = -0.2 * kT
+    plain, pulled = trainer(jtj, -jtj @ wanted), trainer(jtj, -jtj @ wanted, imc_ibi_prior=0.01)
+    steps = {}
+    for name, t in (("plain", plain), ("pulled", pulled)):
+        start = t._flat_parameters().clone()
+        steps[name] = (t, t._imc_step(), (t._flat_parameters() - start).numpy())
+    plain_step, pulled_step = steps["plain"][2], steps["pulled"][2]
+    np.testing.assert_allclose(plain_step, wanted.numpy(), atol=1e-6)
+    np.testing.assert_allclose(pulled_step[3:], wanted.numpy()[3:], atol=0.02 * kT)
+    # On the wall bins below the third knot (nearer the fourth, a pinned one, the spline bends
+    # down to it) the data's blind directions follow the prior alone: IBI's correction.
+    rows = grid < knots[2]
+    assert rows.sum() >= 2
+    pulled_wall = (jacobian @ pulled_step)[rows]
+    assert np.abs(pulled_wall - correction[rows]).max() < 0.15 * correction[rows].max()
+    assert np.abs(jacobian @ plain_step)[rows].max() < 0.01
+    assert 0.0 < steps["pulled"][1]["ibi_prior_share"] and "ibi_prior_share" not in steps["plain"][1]
+
+
+def test_imc_ibi_prior_is_left_out_of_the_noise_shrinkage_and_kept_for_an_undo(tmp_path):
+    knots = np.linspace(0.29, 0.74, 16)
+    state = small_state()
+    n = len(knots)
+    jtj = torch.eye(n, dtype=torch.float64)
+    jtr = 0.01 * torch.ones(n, dtype=torch.float64)
+
+    def trainer(**extra):
+        options = dict(
+            optimizer="imc", max_potential_change=5.0, imc_damping=1e-6, imc_noise_shrink=True, progress=False
+        )
+        t = Trainer(prior_plus_spline(knots), [state], "reweighting", **{**options, **extra})
+        t.reweighting = {state.name: _FakeSample(state, lambda r: -0.2 * (r < 0.5))}
+        t._residual_rows = lambda: {}
+        t._normal_equations = lambda rows: (jtj, jtr, 1.0)
+        t._jtr_noise_covariance = lambda rows: 1e6 * torch.eye(n, dtype=torch.float64)  # noise swamps the data
+        t._potential_metric = lambda: torch.eye(n, dtype=torch.float64)
+        return t
+
+    plain, pulled = trainer(), trainer(imc_ibi_prior=0.1)
+    assert plain._imc_step()["max_change_kT"] == 0.0  # the data's step shrunk to nothing
+    record = pulled._imc_step()
+    assert record["shrink"] == pytest.approx(0.0, abs=1e-9)
+    assert record["max_change_kT"] > 0.05 and record["ibi_prior_share"] == pytest.approx(1.0, abs=1e-9)
+
+    # The prior behind a step is kept with it (and survives a checkpoint); an undo retakes the step
+    # from that prior, not from IBI's correction of the overshooting potential's sample.
+    t = trainer(imc_ibi_prior=0.1, imc_reject_factor=2.0, output_dir=tmp_path)
+    t._loss_noise = lambda: 0.0
+    t._imc_step()
+    kept = t._imc_last["prior"]
+    t.save_checkpoint()
+    restored = Trainer.resume(tmp_path)._imc_last["prior"]
+    assert all(torch.equal(a, b) for a, b in zip(kept, restored, strict=True))
+
+    def refuse(limit):
+        raise AssertionError("an undo must not read IBI's correction off the overshooting sample")
+
+    t._ibi_prior = refuse
+    t._normal_equations = lambda rows: (jtj, jtr, 10.0)  # the fresh loss rose tenfold: undone
+    retaken = t._imc_step()
+    assert retaken["undone"] and retaken["max_change_kT"] > 0
+    for bad in (-0.1, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="imc_ibi_prior"):
+            trainer(imc_ibi_prior=bad)
+
+
+def test_imc_ibi_prior_runs_in_a_fit_on_the_sampled_rdf(tmp_path):
+    trainer = quick_trainer(tmp_path, optimizer="imc", imc_ibi_prior=0.01, imc_noise_shrink=True, max_epochs=2)
+    # The snapshots' own RDF is what the reweighted RDF is at the sample's parameters (equal weights).
+    trainer._measure_states(trainer._new_record())
+    estimator = trainer.reweighting[trainer.states[0].name]
+    pair, g_sample, g_target = estimator.sample_rdfs(trainer.states[0].targets)[0]
+    state = trainer.states[0]
+    result = estimator(trainer.table, state, trainer.snapshots[state.name], state.targets)
+    np.testing.assert_allclose(g_sample, result.rdfs["Ar-Ar"], rtol=1e-9, atol=1e-12)
+    assert pair == ("Ar", "Ar") and g_target.shape == g_sample.shape == estimator.r.shape
+    for p in trainer.table.parameters():
+        p.grad = None
+    history = trainer.fit()
+    for record in history:
+        # The prior's part of the step against the whole (above 1 where the data's part opposes it).
+        assert math.isfinite(record["imc"]["ibi_prior_share"]) and record["imc"]["ibi_prior_share"] >= 0.0
+    assert np.isfinite(history[-1]["loss"])

@@ -113,7 +113,6 @@ METHODS = (
     "imc-shrink-light",
     "imc-level",
     "imc-prior",
-    "imc-prior-wall",
     "imc-polish",
     "ibi",
 )
@@ -227,13 +226,13 @@ METHOD_SETTINGS["imc-shrink-light"] = dict(METHOD_SETTINGS["imc-shrink"], imc_sm
 # step moved that level 2.6x the correction it needed, and 4 of 6 first steps of
 # imc-shrink-light there overshot (docs/experiments.md).
 METHOD_SETTINGS["imc-level"] = dict(METHOD_SETTINGS["imc-shrink-light"], imc_level_fraction=0.1)
-# imc-shrink-light whose steps are pulled (weight 0.01 of the data) towards IBI's
-# correction kT ln(g/g_target) of the same sample (imc_ibi_prior): near coexistence
-# (Morse at rho* = 0.5) the wall's signal drowns in the first peak's slow
-# fluctuations and every imc-* fit left it 0.1-0.5 kT too soft, where IBI, which
-# corrects each bin by its own ratio of g, got within 0.04-0.1 (docs/experiments.md).
+# imc-shrink-light whose steps are pulled at the repulsive wall (weight 0.01 of the
+# data) towards IBI's correction kT ln(g/g_target) of the same sample (imc_ibi_prior):
+# near coexistence (Morse at rho* = 0.5) the wall's signal drowns in the first peak's
+# slow fluctuations and every three-seed imc-* fit left it 0.1-0.5 kT too soft, where
+# IBI, which corrects each bin by its own ratio of g, got within 0.04-0.1
+# (docs/experiments.md).
 METHOD_SETTINGS["imc-prior"] = dict(METHOD_SETTINGS["imc-shrink-light"], imc_ibi_prior=0.01)
-METHOD_SETTINGS["imc-prior-wall"] = dict(METHOD_SETTINGS["imc-prior"], imc_ibi_prior_region="wall")
 # imc-grow whose last two steps each take 400 frames and no curvature penalty
 # (POLISH below): scaled to the trace of JᵀJ, which the first peak dominates, the
 # penalty outweighs the wall's data. Three 400-frame Newton steps on Morse at

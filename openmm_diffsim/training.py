@@ -1011,6 +1011,18 @@ class Trainer:
         """u(r) of one pair type (kJ/mol), differentiable in the parameters: the whole potential, prior included."""
         return self.table.energy_and_derivative(r, torch.full_like(r, self.table.pair_index(pair), dtype=torch.long))[0]
 
+    def _coldest_kT(self) -> float:
+        """k_B T of the coldest state (kJ/mol): the unit of every u(r)/kT the IMC step measures."""
+        return min(float(s.kT) for s in self.states)
+
+    def _energy_rows(self, pair, r: np.ndarray) -> torch.Tensor:
+        """``∂(u(r)/kT)/∂θ`` at the points ``r`` (nm) of one pair type, shape (len(r), n_params), kT the coldest."""
+        from .gradients import _jacobian
+
+        grid = torch.as_tensor(r, dtype=torch.float64)
+        with torch.enable_grad():
+            return _jacobian(self._pair_energy(pair, grid).to(torch.float64) / self._coldest_kT(), self._trainable())
+
     def _level_rows(self) -> torch.Tensor:
         """Rows ``∂ℓ_k/∂θ``, shape (K, n_params): ℓ_k the level of u(r)/kT of pair type k.
 
@@ -1020,22 +1032,14 @@ class Trainer:
         σ makes the rows depend on the parameters. Pair types no target
         resolves have no row.
         """
-        from .gradients import _jacobian
-
-        kT = min(float(s.kT) for s in self.states)
         grids: Dict[tuple, List[np.ndarray]] = {}
         for pair, r in self._target_grids():
             grids.setdefault(self.table.pair_keys()[self.table.pair_index(pair)], []).append(r)
-        params = self._trainable()
-        rows = []
-        for pair, parts in grids.items():
-            r = torch.as_tensor(np.unique(np.concatenate(parts)), dtype=torch.float64)
-            with torch.enable_grad():
-                mean = (self._pair_energy(pair, r).to(torch.float64) / kT).mean()
-                rows.append(_jacobian(mean.reshape(1), params))
+        # The level is linear in u, so its row is the mean of the points' rows.
+        rows = [self._energy_rows(pair, np.unique(np.concatenate(parts))).mean(0) for pair, parts in grids.items()]
         if not rows:
-            return torch.zeros(0, sum(p.numel() for p in params), dtype=torch.float64)
-        return torch.cat(rows)
+            return torch.zeros(0, sum(p.numel() for p in self._trainable()), dtype=torch.float64)
+        return torch.stack(rows)
 
     def _potential_metric(self) -> torch.Tensor:
         """``BᵀB``, B the Jacobian of u(r)/kT on the smoothing grids: |δ|² in it is the squared change of u(r)."""
@@ -1056,12 +1060,10 @@ class Trainer:
         estimator's grid, rows scaled by the square root of the state's
         weight; summed over states (and ranks).
         """
-        from .gradients import _jacobian
         from .ibi import ibi_update
 
-        kT_min = min(float(s.kT) for s in self.states)
-        params = self._trainable()
-        n_params = sum(p.numel() for p in params)
+        kT_min = self._coldest_kT()
+        n_params = sum(p.numel() for p in self._trainable())
         matrix = torch.zeros(n_params, n_params, dtype=torch.float64)
         rhs = torch.zeros(n_params, dtype=torch.float64)
         for state in self._states_here():
@@ -1080,10 +1082,7 @@ class Trainer:
                     continue
                 correction = ibi_update(r, g_sample, g_target, float(state.kT))[keep] / kT_min
                 correction = np.clip(correction, -limit, limit)
-                grid = torch.as_tensor(r[keep], dtype=torch.float64)
-                with torch.enable_grad():
-                    u = self._pair_energy(pair, grid).to(torch.float64) / kT_min
-                    rows = scale * _jacobian(u, params)
+                rows = scale * self._energy_rows(pair, r[keep])
                 matrix = matrix + rows.T @ rows
                 rhs = rhs + rows.T @ (scale * torch.as_tensor(correction, dtype=torch.float64))
         if self._dist is not None:
@@ -1221,7 +1220,7 @@ class Trainer:
 
     def _potential_on_target_grid(self) -> List[np.ndarray]:
         """u(r)/kT on :meth:`_target_grids` (kT of the coldest state)."""
-        kT = min(float(s.kT) for s in self.states)
+        kT = self._coldest_kT()
         with torch.no_grad():
             return [
                 np.asarray(self.table.evaluate(r, pair=pair)[0], dtype=float) / kT for pair, r in self._target_grids()
@@ -1294,7 +1293,7 @@ class Trainer:
         from .gradients import _jacobian
 
         params = self._trainable()
-        kT = min(float(s.kT) for s in self.states)
+        kT = self._coldest_kT()
         rows, differences = [], []
         for pair, r in self._smoothing_grids():
             if refine > 1 and r.numel() > 1:

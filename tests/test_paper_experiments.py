@@ -215,3 +215,35 @@ def test_newton_step_regions_initial_trainer_is_the_first_step_of_a_fit(paper):
     guess = pe.spline_table_from_targets([state], pe.CUTOFF, knot_spacing=pe.KNOT_SPACING)
     grid = np.linspace(0.9, 2.45, 40)
     np.testing.assert_allclose(trainer.table.evaluate(grid, 0)[0], guess.evaluate(grid, 0)[0], rtol=0, atol=1e-12)
+
+
+def test_every_method_settings_are_accepted_by_its_runner(paper, monkeypatch, tmp_path):
+    """Each method's settings, as ``train`` passes them, construct a real Trainer or IBI (no option left stale)."""
+    from openmm_diffsim.systems import StatePoint
+    from openmm_diffsim.targets import Target
+
+    class Constructed(Exception):
+        pass
+
+    def stop(self):
+        raise Constructed(self)
+
+    monkeypatch.setattr(paper.Trainer, "fit", stop)
+    monkeypatch.setattr(paper.IBI, "fit", stop)
+    truth = paper.lj_table()
+    kT = paper.kelvin(1.2) * paper.MOLAR_GAS_CONSTANT
+    r = np.linspace(0.0125, 2.4875, 100)
+    g = np.exp(-np.asarray(truth.evaluate(np.maximum(r, 0.5), 0)[0]) / kT)  # dilute gas
+    state = StatePoint(
+        "gas", ["A"], [64], [1.0], temperature=paper.kelvin(1.2), density=0.05, targets=[Target(r, g, ("A", "A"))]
+    )
+    assert set(paper.METHOD_SETTINGS) <= set(paper.METHODS) | {"imc"}
+    for method in paper.METHODS:
+        table = paper.spline_table_from_targets([state], paper.CUTOFF, knot_spacing=paper.KNOT_SPACING)
+        with pytest.raises(Constructed) as built:
+            paper.train(method, table, [state], 2, tmp_path / method, seed=1, platform=None, points=2)
+        run = built.value.args[0]
+        settings = {k: v for k, v in paper.METHOD_SETTINGS.get(method, {}).items() if k != "estimator_options"}
+        for key, value in settings.items():
+            if key in run.options:
+                assert run.options[key] == value, (method, key)

@@ -23,6 +23,20 @@ def paper():
     return module
 
 
+def dilute_lj_state(pe):
+    """A small state at T* = 1.2 whose target is the dilute-gas g(r) = exp(-u/kT) of the experiments' LJ."""
+    from openmm_diffsim.systems import StatePoint
+    from openmm_diffsim.targets import Target
+
+    truth = pe.lj_table()
+    kT = pe.kelvin(1.2) * pe.MOLAR_GAS_CONSTANT
+    r = np.linspace(0.0125, 2.4875, 100)
+    g = np.exp(-np.asarray(truth.evaluate(np.maximum(r, 0.5), 0)[0]) / kT)
+    return StatePoint(
+        "gas", ["A"], [64], [1.0], temperature=pe.kelvin(1.2), density=0.05, targets=[Target(r, g, ("A", "A"))]
+    )
+
+
 def entry(rmse, u, steps, seconds, final_u=None):
     """A method's entry with a curve through (steps, seconds, rmse, u) points after epochs 0, 1, 2, ..."""
     curve = [
@@ -192,21 +206,12 @@ def test_polish_schedule_changes_the_options_after_its_epoch(paper, tmp_path, mo
 
 def test_newton_step_regions_initial_trainer_is_the_first_step_of_a_fit(paper):
     """--initial: a trainer at the experiments' initial guess with the method's settings and the asked frames."""
-    from openmm_diffsim.systems import StatePoint
-    from openmm_diffsim.targets import Target
-
     path = SCRIPT.parent / "newton_step_regions.py"
     spec = importlib.util.spec_from_file_location("newton_step_regions", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     pe = module.pe
-    truth = pe.lj_table()
-    kT = pe.kelvin(1.2) * pe.MOLAR_GAS_CONSTANT
-    r = np.linspace(0.0125, 2.4875, 100)
-    g = np.exp(-np.asarray(truth.evaluate(np.maximum(r, 0.5), 0)[0]) / kT)  # dilute gas
-    state = StatePoint(
-        "gas", ["A"], [64], [1.0], temperature=pe.kelvin(1.2), density=0.05, targets=[Target(r, g, ("A", "A"))]
-    )
+    state = dilute_lj_state(pe)
     trainer = module.initial_trainer("imc-shrink-light", [state], frames=37, seed=3)
     settings = pe.METHOD_SETTINGS["imc-shrink-light"]
     assert trainer.options["n_snapshots"] == 37 and trainer.options["optimizer"] == "imc"
@@ -219,8 +224,6 @@ def test_newton_step_regions_initial_trainer_is_the_first_step_of_a_fit(paper):
 
 def test_every_method_settings_are_accepted_by_its_runner(paper, monkeypatch, tmp_path):
     """Each method's settings, as ``train`` passes them, construct a real Trainer or IBI (no option left stale)."""
-    from openmm_diffsim.systems import StatePoint
-    from openmm_diffsim.targets import Target
 
     class Constructed(Exception):
         pass
@@ -230,13 +233,7 @@ def test_every_method_settings_are_accepted_by_its_runner(paper, monkeypatch, tm
 
     monkeypatch.setattr(paper.Trainer, "fit", stop)
     monkeypatch.setattr(paper.IBI, "fit", stop)
-    truth = paper.lj_table()
-    kT = paper.kelvin(1.2) * paper.MOLAR_GAS_CONSTANT
-    r = np.linspace(0.0125, 2.4875, 100)
-    g = np.exp(-np.asarray(truth.evaluate(np.maximum(r, 0.5), 0)[0]) / kT)  # dilute gas
-    state = StatePoint(
-        "gas", ["A"], [64], [1.0], temperature=paper.kelvin(1.2), density=0.05, targets=[Target(r, g, ("A", "A"))]
-    )
+    state = dilute_lj_state(paper)
     assert set(paper.METHOD_SETTINGS) <= set(paper.METHODS) | {"imc"}
     for method in paper.METHODS:
         table = paper.spline_table_from_targets([state], paper.CUTOFF, knot_spacing=paper.KNOT_SPACING)

@@ -113,6 +113,7 @@ METHODS = (
     "imc-shrink-light",
     "imc-level",
     "imc-prior",
+    "imc-line",
     "imc-polish",
     "ibi",
 )
@@ -233,6 +234,12 @@ METHOD_SETTINGS["imc-level"] = dict(METHOD_SETTINGS["imc-shrink-light"], imc_lev
 # IBI, which corrects each bin by its own ratio of g, got within 0.04-0.1
 # (docs/experiments.md).
 METHOD_SETTINGS["imc-prior"] = dict(METHOD_SETTINGS["imc-shrink-light"], imc_ibi_prior=0.01)
+# imc-prior whose steps are shortened to the minimum of a second-order model of the
+# loss along them, the curvature read off the same sample (imc_line_search): from the
+# Boltzmann-inversion guess at the LJ state near its critical point the full first
+# step raised the fresh loss 10-30x, half of it lowered it 4-6x (four samples,
+# step_curvature.py).
+METHOD_SETTINGS["imc-line"] = dict(METHOD_SETTINGS["imc-prior"], imc_line_search=True)
 # imc-grow whose last two steps each take 400 frames and no curvature penalty
 # (POLISH below): scaled to the trace of JᵀJ, which the first peak dominates, the
 # penalty outweighs the wall's data. Three 400-frame Newton steps on Morse at

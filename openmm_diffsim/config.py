@@ -954,7 +954,7 @@ def parse_config(
         value = training.string(name, None, choices=choices)
         if value is not None:
             trainer[name] = value
-    for name in ("boltzmann_initial_guess", "progress", "imc_check_last", "imc_noise_shrink"):
+    for name in ("boltzmann_initial_guess", "progress", "imc_check_last", "imc_noise_shrink", "imc_line_search"):
         value = training.boolean(name, None)
         if value is not None:
             trainer[name] = value

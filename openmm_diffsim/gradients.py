@@ -639,6 +639,76 @@ class ReweightingEstimator:
             for target, t in zip(targets, prepared, strict=True)
         ]
 
+    def frame_energies(self, table: PairTable) -> Tensor:
+        """Per-snapshot pair energy (kJ/mol) at the table's current parameters, shape (F,), float64, no gradient.
+
+        Computed as the reweighting weights are (histogram or exact pair sums,
+        whichever :meth:`reset` chose).
+        """
+        if self._snapshots is None:
+            raise RuntimeError("call reset(table, snapshots) or the estimator first")
+        with torch.no_grad():
+            energy, _ = self._energy_and_virial(table, False)
+        return energy.detach().to(torch.float64)
+
+    def residual_curvature(
+        self, state, targets, energy_before: Tensor, energy_after: Tensor, loss_weight: float = 1.0
+    ) -> Tensor:
+        """Second derivative in t of the RDF rows of the reweighted residuals along a parameter change.
+
+        Along ``U_t = U_before + t (U_after - U_before)`` the reweighted mean
+        of a per-frame observable A is ``⟨A e^{-tβΔU}⟩ / ⟨e^{-tβΔU}⟩`` (means
+        under the weights at ``U_before``). Its first derivative at t = 0 is
+        ``-β cov(A, ΔU)``, the IMC Jacobian times the change; its second is
+        the joint third cumulant ``β² ⟨(A - ⟨A⟩)(ΔU - ⟨ΔU⟩)²⟩``, which this
+        returns for the RDF rows. It is exact for the sample at hand (no
+        expansion), so it is the curvature a second-order model of the
+        residuals needs, read from the same frames as the Jacobian: near a
+        critical point the RDF responds to an added attraction far more
+        than linearly, which a Newton step alone cannot see.
+
+        Parameters
+        ----------
+        state : StatePoint
+            The state of the snapshots (its β and ``weight``, as in :meth:`residuals`).
+        targets : list of Target
+            The RDF targets; their pairs and bin weights.
+        energy_before, energy_after : Tensor, shape (F,)
+            Per-snapshot pair energies (kJ/mol) at the two parameter sets, e.g.
+            from :meth:`frame_energies` before and after a step.
+        loss_weight : float
+            Extra factor on this state's loss, as in :meth:`residuals`.
+
+        Returns
+        -------
+        Tensor, shape (M_rdf,), float64
+            ``d²ρ/dt²`` at t = 0 for the RDF rows of ρ (those come first in
+            :meth:`residuals`, before any pressure or energy rows).
+        """
+        if self._snapshots is None:
+            raise RuntimeError("call reset(table, snapshots) or the estimator first")
+        n_frames = self._rdfs.shape[0]
+        before = torch.as_tensor(energy_before, dtype=torch.float64)
+        after = torch.as_tensor(energy_after, dtype=torch.float64)
+        for name, value in (("energy_before", before), ("energy_after", after)):
+            if value.shape != (n_frames,):
+                raise ValueError(
+                    f"{name} must have shape ({n_frames},) (one energy per snapshot), got {tuple(value.shape)}"
+                )
+            if not bool(torch.isfinite(value).all()):
+                raise ValueError(f"{name} contains NaN or infinite values")
+        beta = float(state.beta)
+        weights = torch.softmax(-beta * (before - self._reference_energy), 0)
+        change = beta * (after - before)
+        change = change - weights @ change
+        targets_prepared = _prepare_targets(self._table, targets, self.r, self.target_outside, self.bin_weighting)
+        rows = [t.row for t in targets_prepared]
+        frames = self._rdfs[:, rows].to(torch.float64)  # (F, n_targets, n_bins)
+        centred = frames - torch.einsum("s,stb->tb", weights, frames)
+        third = torch.einsum("s,stb->tb", weights * change**2, centred)
+        scale = float(state.weight) * float(loss_weight)
+        return torch.cat([torch.sqrt(scale * _bin_weights(t)) * third[k] for k, t in enumerate(targets_prepared)])
+
     def residual_noise(self, state, targets, loss_weight: float = 1.0, n_blocks: int = 10) -> float:
         """Expected part of ``ρ·ρ`` that is sampling noise, at the snapshots' own parameters (RDF rows).
 

@@ -369,6 +369,24 @@ class Trainer:
         step's change of u(r) on the wall over that of the whole step (above
         1 where the data's part opposes it). 0 (default) turns it off. See
         docs/training.md.
+    imc_line_search : bool
+        ``optimizer="imc"``: after the step δ is capped, shorten it to the t
+        in [``IMC_LINE_SEARCH_MIN`` (0.25), 1] that minimises a second-order
+        model of the loss along it, ``|ρ + t Jδ + ½ t² ρ''|²``, where ρ'' is
+        the curvature of the reweighted residuals along δ read from the
+        same sample (the joint third cumulant of the RDF and the energy
+        change, :meth:`~openmm_diffsim.gradients.ReweightingEstimator.residual_curvature`;
+        the pressure and energy rows are taken as linear). No MD is spent.
+        Near a critical point the RDF responds to an added attraction far
+        more than linearly and a Newton step overshoots: from the
+        Boltzmann-inversion guess at the LJ state of the paper's first
+        experiment the fresh loss after the full (capped) step was 10-30
+        times the loss before it, after half of it 0.17-0.25 times (four
+        samples, ``benchmarks/step_curvature.py``), and the model put the
+        minimum at 0.25-0.5 of the step on each. A step
+        retaken after an undo (solved from an earlier sample) and a pooled
+        step are not searched. Logged as ``line_scale`` (t) and
+        ``line_model_loss`` (the model's loss at t). False (default).
     """
 
     def __init__(
@@ -413,6 +431,7 @@ class Trainer:
         imc_noise_shrink: bool = False,
         imc_level_fraction: Optional[float] = None,
         imc_ibi_prior: float = 0.0,
+        imc_line_search: bool = False,
     ):
         states = check_fit_inputs(table, states, "Trainer")
         if isinstance(estimator, str) and estimator not in ESTIMATORS:
@@ -441,6 +460,8 @@ class Trainer:
             raise ValueError(f"imc_check_last must be True or False, got {imc_check_last!r}")
         if not isinstance(imc_noise_shrink, bool):
             raise ValueError(f"imc_noise_shrink must be True or False, got {imc_noise_shrink!r}")
+        if not isinstance(imc_line_search, bool):
+            raise ValueError(f"imc_line_search must be True or False, got {imc_line_search!r}")
         if imc_noise_shrink and int(imc_pool) > 1:
             raise ValueError("imc_noise_shrink cannot be combined with imc_pool > 1 (a pooled step has its own noise)")
         if imc_level_fraction is not None and not (
@@ -498,6 +519,7 @@ class Trainer:
             imc_noise_shrink=imc_noise_shrink,
             imc_level_fraction=None if imc_level_fraction is None else float(imc_level_fraction),
             imc_ibi_prior=float(imc_ibi_prior),
+            imc_line_search=imc_line_search,
             max_potential_change=float(max_potential_change),
             average_last=int(average_last),
             max_epochs=int(max_epochs),
@@ -1490,6 +1512,60 @@ class Trainer:
             "core_hole_shrinks": hole_shrinks,
         }
 
+    def _line_search(
+        self,
+        rows: Dict[str, Tuple[torch.Tensor, torch.Tensor]],
+        energies_before: Dict[str, torch.Tensor],
+        start: torch.Tensor,
+    ) -> Dict[str, float]:
+        """``imc_line_search``: move back along the step just taken to the minimum of a second-order model.
+
+        The step is ``θ - start``; per state, ``rows`` holds the residuals ρ
+        and their Jacobian J at ``start`` and ``energies_before`` the frames'
+        energies there. The model ``Σ |ρ + t Jδ + ½ t² ρ''|²`` (ρ'' on the RDF
+        rows from :meth:`~openmm_diffsim.gradients.ReweightingEstimator.residual_curvature`,
+        0 on the others) is a quartic in t, minimised over
+        ``IMC_LINE_SEARCH_POINTS`` fractions in [``IMC_LINE_SEARCH_MIN``, 1].
+        A shorter step that would dig a well into the core is not taken.
+        Returns ``{"line_scale": t, "line_model_loss": model at t, "line_model_loss_full": model at 1}``.
+        """
+        taken = self._flat_parameters() - start
+        coefficients = torch.zeros(5, dtype=torch.float64)  # of t^0 .. t^4
+        for state in self._states_here():
+            rho, jac = rows[state.name]
+            estimator = self.reweighting[state.name]
+            first = jac @ taken.to(jac.dtype)
+            half_second = torch.zeros_like(rho)
+            curvature = estimator.residual_curvature(
+                state, state.targets, energies_before[state.name], estimator.frame_energies(self.table), 1.0
+            )
+            half_second[: curvature.numel()] = 0.5 * curvature
+            coefficients = coefficients + torch.stack(
+                [
+                    rho @ rho,
+                    2.0 * rho @ first,
+                    first @ first + 2.0 * rho @ half_second,
+                    2.0 * first @ half_second,
+                    half_second @ half_second,
+                ]
+            )
+        if self._dist is not None:
+            (coefficients,) = self._reduce_residual_sums(coefficients)
+        fractions = torch.linspace(IMC_LINE_SEARCH_MIN, 1.0, IMC_LINE_SEARCH_POINTS, dtype=torch.float64)
+        model = sum(c * fractions**k for k, c in enumerate(coefficients))
+        best = int(torch.argmin(model))
+        fraction = float(fractions[best])
+        if fraction < 1.0:
+            self._set_flat_parameters(start + fraction * taken)
+            if self._has_core_hole(self._wall_grids()):
+                self._set_flat_parameters(start + taken)  # the capped step was checked; keep it whole
+                fraction, best = 1.0, len(fractions) - 1
+        return {
+            "line_scale": fraction,
+            "line_model_loss": float(model[best]),
+            "line_model_loss_full": float(model[-1]),
+        }
+
     def _restore_configurations(self, states: Optional[Dict[str, Dict[str, Any]]]) -> None:
         """Continue sampling from ``states`` (positions, velocities, box per state name)."""
         for name, saved in (states or {}).items():
@@ -1608,7 +1684,8 @@ class Trainer:
         step first (logged as ``undone``, the cap as ``cap_kT``).
         """
         shrink_noise = self.options.get("imc_noise_shrink", False)
-        rows = self._residual_rows() if self.options["imc_pool"] > 1 or shrink_noise else None
+        line_search = self.options.get("imc_line_search", False)
+        rows = self._residual_rows() if self.options["imc_pool"] > 1 or shrink_noise or line_search else None
         jtj, jtr, loss0 = self._residual_jacobian() if rows is None else self._normal_equations(rows)
         noise_cov = self._jtr_noise_covariance(rows) if shrink_noise else None
         # A rolled-back step halves the learning rate; the IMC step (which has
@@ -1731,6 +1808,12 @@ class Trainer:
                 level.update(level_wanted_kT=wanted, level_bounded=bounded)
             return step
 
+        # The search reads the curvature off the sample the step was solved from:
+        # not after an undo (an earlier sample's system) nor for a pooled step.
+        search = line_search and not undone and pool is None
+        if search:
+            energies_before = {s.name: self.reweighting[s.name].frame_energies(self.table) for s in self._states_here()}
+            grid_before = self._potential_on_target_grid()
         step = solve(damping)
         moved, scale, hole_shrinks = self._move_within(step, limit)
         # No length of this step keeps the core free of a well: the knots the
@@ -1741,6 +1824,11 @@ class Trainer:
             step = solve(damping)
             moved, scale, more = self._move_within(step, limit)
             hole_shrinks += more
+        line: Dict[str, float] = {}
+        if search and moved > 0.0:
+            line = self._line_search(rows, energies_before, before)
+            if line["line_scale"] < 1.0:
+                moved = _largest_change(grid_before, self._potential_on_target_grid())
         if self._imc_last is not None and factor is not None:
             self._imc_last["moved"] = float(moved)
             # What the linear model of the data (penalties left out) expects the
@@ -1762,6 +1850,7 @@ class Trainer:
             **({} if roughness is None else {"roughness": roughness}),
             **shrink,
             **prior_log,
+            **line,
             **level,
             **(
                 {}
@@ -2067,6 +2156,7 @@ class Trainer:
         options = dict(data["options"])
         options.setdefault("imc_check_last", True)  # checkpoints written before the option existed
         options.setdefault("imc_noise_shrink", False)
+        options.setdefault("imc_line_search", False)
         unknown = set(overrides) - set(options)
         if unknown:
             raise ValueError(f"unknown option(s) to override: {sorted(unknown)}")
@@ -2180,6 +2270,12 @@ IMC_MAX_UNDOS = 2
 #: phase boundary the slow fluctuations outlast shorter blocks, whose
 #: variance then undercounts the noise (4x at 10 blocks, docs/training.md).
 IMC_SHRINK_BLOCKS = 5
+#: ``imc_line_search``: the shortest fraction of a step the search may keep, and
+#: the number of fractions it compares (evenly spaced from that to 1). The third
+#: cumulant of a 100-frame sample is noisy: the floor keeps a step whose curvature
+#: was misread from shrinking to nothing.
+IMC_LINE_SEARCH_MIN = 0.25
+IMC_LINE_SEARCH_POINTS = 76
 
 # imc: a step that cannot keep the core free of a well is recomputed with
 # damping raised tenfold (from at least the first value) up to the second.

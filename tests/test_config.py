@@ -531,6 +531,16 @@ def test_imc_noise_shrink_reaches_the_trainer(tmp_path):
         parse_config(data, tmp_path)
 
 
+def test_imc_line_search_reaches_the_trainer(tmp_path):
+    data = copy.deepcopy(_base())
+    assert "imc_line_search" not in parse_config(data, tmp_path).trainer  # the Trainer's default (false) applies
+    data["training"]["imc_line_search"] = True
+    assert parse_config(data, tmp_path).trainer["imc_line_search"] is True
+    data["training"]["imc_line_search"] = 1
+    with pytest.raises(ConfigError, match="imc_line_search"):
+        parse_config(data, tmp_path)
+
+
 def test_imc_level_fraction_reaches_the_trainer(tmp_path):
     data = copy.deepcopy(_base())
     assert "imc_level_fraction" not in parse_config(data, tmp_path).trainer  # the Trainer's default (None) applies

@@ -274,6 +274,40 @@ def test_residual_block_deviations_carry_the_sampling_noise_through_a_linear_map
         estimators[-1].residual_block_deviations(state, [target], n_blocks=1)
 
 
+def test_residual_curvature_is_the_second_derivative_of_the_reweighted_residuals(lj_samples):
+    """Along ε (the LJ energy is linear in it) the reweighted residuals are ⟨A e^{-tβΔU}⟩/⟨e^{-tβΔU}⟩:
+    residual_curvature must equal their second derivative in t, by central differences, also from
+    parameters other than the snapshots' own (weights not uniform) and with bin weights."""
+    state, snapshots = lj_samples
+    table = lj_table()
+    estimator = ReweightingEstimator(**GRID, bin_weighting="counting")
+    estimator.reset(table, snapshots, state)
+    targets = [flat_target(1.1)]
+    start, change = EPSILON * 0.98, EPSILON * 0.05
+
+    def residuals_at(t):
+        set_parameters(table, epsilon=start + t * change)
+        rho, _ = estimator.residuals(table, state, targets, loss_weight=2.0)
+        return rho.detach().double()
+
+    set_parameters(table, epsilon=start)
+    before = estimator.frame_energies(table)
+    set_parameters(table, epsilon=start + change)
+    after = estimator.frame_energies(table)
+    assert before.shape == (len(snapshots),) and not before.requires_grad
+    assert float((after - before).std()) * state.beta > 0.1  # a change the weights feel
+    curvature = estimator.residual_curvature(state, targets, before, after, loss_weight=2.0)
+    h = 1e-3
+    by_differences = (residuals_at(h) - 2.0 * residuals_at(0.0) + residuals_at(-h)) / h**2
+    assert curvature.shape == by_differences.shape and float(by_differences.abs().max()) > 1e-4
+    torch.testing.assert_close(curvature, by_differences, rtol=1e-4, atol=1e-6 * float(by_differences.abs().max()))
+    # Bad energies name the problem.
+    with pytest.raises(ValueError, match="energy_after must have shape"):
+        estimator.residual_curvature(state, targets, before, after[:-1])
+    with pytest.raises(ValueError, match="energy_before contains NaN"):
+        estimator.residual_curvature(state, targets, torch.full_like(before, float("nan")), after)
+
+
 def test_pressure_term_matches_virial_pressure(lj_samples):
     state, snapshots = lj_samples
     table = lj_table()

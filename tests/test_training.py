@@ -1542,3 +1542,107 @@ def test_imc_ibi_prior_runs_in_a_fit_on_the_sampled_rdf(tmp_path):
         # The prior's part of the step against the whole (above 1 where the data's part opposes it).
         assert math.isfinite(record["imc"]["ibi_prior_share"]) and record["imc"]["ibi_prior_share"] >= 0.0
     assert np.isfinite(history[-1]["loss"])
+
+
+class _CurvedSample:
+    """Stands in for a state's reweighting estimator: a fixed curvature of the residuals along any step."""
+
+    def __init__(self, curvature):
+        self.curvature = curvature
+        self.energy_calls = 0
+
+    def frame_energies(self, table):
+        self.energy_calls += 1
+        return torch.zeros(4, dtype=torch.float64)
+
+    def residual_curvature(self, state, targets, energy_before, energy_after, loss_weight=1.0):
+        return self.curvature.clone()
+
+
+def test_imc_line_search_stops_at_the_minimum_of_the_second_order_model(tmp_path):
+    """Residuals ρ = -δ*, J = I: the Newton step is δ*. With curvature ρ'' = 2δ* along it the model is
+    ρ(t) = δ*(t² + t - 1), zero at t = (√5 - 1)/2; without curvature it is the Newton step; with a
+    large one the floor (IMC_LINE_SEARCH_MIN) holds."""
+    from openmm_diffsim.training import IMC_LINE_SEARCH_MIN
+
+    knots = np.linspace(0.29, 0.74, 16)
+    state = small_state()
+    n = len(knots)
+    wanted = torch.full((n,), 0.1 * float(state.kT), dtype=torch.float64)  # raise u(r): no well in the core
+
+    def trainer(curvature, **extra):
+        options = dict(optimizer="imc", max_potential_change=5.0, imc_damping=1e-9, progress=False)
+        t = Trainer(prior_plus_spline(knots), [state], "reweighting", **{**options, **extra})
+        t.reweighting = {state.name: _CurvedSample(curvature)}
+        t._residual_rows = lambda: {state.name: (-wanted.clone(), torch.eye(n, dtype=torch.float64))}
+        return t
+
+    def step(t):
+        start = t._flat_parameters().clone()
+        record = t._imc_step()
+        return record, t._flat_parameters() - start
+
+    golden = (math.sqrt(5.0) - 1.0) / 2.0
+    record, taken = step(trainer(2.0 * wanted, imc_line_search=True))
+    assert record["line_scale"] == pytest.approx(golden, abs=0.006)
+    torch.testing.assert_close(taken, record["line_scale"] * wanted, rtol=1e-6, atol=1e-9)
+    assert record["line_model_loss"] < 1e-3 * record["line_model_loss_full"]  # full step: |δ*|² (t=1: ρ = δ*)
+    assert record["line_model_loss_full"] == pytest.approx(float(wanted @ wanted), rel=1e-6)
+    full_record, full = step(trainer(2.0 * wanted))  # the option off: the whole Newton step
+    torch.testing.assert_close(full, wanted, rtol=1e-6, atol=1e-9)
+    assert "line_scale" not in full_record
+    # The largest change of u(r) is that of the shortened step.
+    assert record["max_change_kT"] == pytest.approx(record["line_scale"] * full_record["max_change_kT"], rel=1e-3)
+    # No curvature: the linear model's minimum is the Newton step itself.
+    flat, flat_taken = step(trainer(torch.zeros(n, dtype=torch.float64), imc_line_search=True))
+    assert flat["line_scale"] == 1.0
+    torch.testing.assert_close(flat_taken, wanted, rtol=1e-6, atol=1e-9)
+    # A curvature that would put the minimum near zero is held at the floor.
+    steep, _ = step(trainer(200.0 * wanted, imc_line_search=True))
+    assert steep["line_scale"] == pytest.approx(IMC_LINE_SEARCH_MIN)
+
+
+def test_imc_line_search_skips_a_retaken_step_and_runs_in_a_fit(tmp_path):
+    from openmm_diffsim.training import IMC_LINE_SEARCH_MIN
+
+    knots = np.linspace(0.29, 0.74, 16)
+    state = small_state()
+    n = len(knots)
+    wanted = torch.full((n,), 0.1 * float(state.kT), dtype=torch.float64)
+    t = Trainer(
+        prior_plus_spline(knots),
+        [state],
+        "reweighting",
+        optimizer="imc",
+        max_potential_change=5.0,
+        imc_damping=1e-9,
+        imc_reject_factor=2.0,
+        imc_line_search=True,
+        progress=False,
+    )
+    sample = _CurvedSample(2.0 * wanted)
+    t.reweighting = {state.name: sample}
+    loss = {"value": float(wanted @ wanted)}
+    t._residual_rows = lambda: {
+        state.name: (
+            -wanted.clone() * math.sqrt(loss["value"] / float(wanted @ wanted)),
+            torch.eye(n, dtype=torch.float64),
+        )
+    }
+    t._loss_noise = lambda: 0.0
+    assert 0.6 < t._imc_step()["line_scale"] < 0.63
+    # The fresh loss rose tenfold: undone, and retaken from the earlier sample's system, which the
+    # current frames (those of the overshooting step) cannot curve: no search.
+    loss["value"] *= 10.0
+    calls = sample.energy_calls
+    retaken = t._imc_step()
+    assert retaken["undone"] and "line_scale" not in retaken and sample.energy_calls == calls
+
+    fit = quick_trainer(tmp_path, optimizer="imc", imc_line_search=True, imc_noise_shrink=True, max_epochs=2)
+    for record in fit.fit():
+        if record["imc"]["max_change_kT"] > 0:
+            assert IMC_LINE_SEARCH_MIN <= record["imc"]["line_scale"] <= 1.0
+            assert record["imc"]["line_model_loss"] <= record["imc"]["line_model_loss_full"] + 1e-15
+    for bad in ("yes", 1, None):
+        with pytest.raises(ValueError, match="imc_line_search"):
+            quick_trainer(optimizer="imc", imc_line_search=bad)

@@ -1681,7 +1681,9 @@ class Trainer:
         logged as ``damping``) instead of being refused, which would leave
         the next sample to propose the same step. With ``imc_reject_factor``,
         a fresh loss above that factor times the last one undoes the last
-        step first (logged as ``undone``, the cap as ``cap_kT``).
+        step first (logged as ``undone``, the cap as ``cap_kT``). With
+        ``imc_line_search`` the capped step is then shortened to the minimum
+        of a second-order model of the loss along it (:meth:`_line_search`).
         """
         shrink_noise = self.options.get("imc_noise_shrink", False)
         line_search = self.options.get("imc_line_search", False)

@@ -62,6 +62,13 @@ def make_trainer(scenario, output_dir):
         # Rollout on fresh snapshots, reweighting on reused ones: both estimators and both seed streams.
         "hybrid": ("hybrid", 2, {}),
         "gauss-newton": ("reweighting", 2, {"optimizer": "gauss-newton", "n_snapshots": 10}),
+        # IMC steps with the noise shrinkage and the line search: sums over ranks of JᵀJ, Jᵀρ,
+        # the noise covariance and the line search's quartic.
+        "imc-line": (
+            "reweighting",
+            2,
+            {"optimizer": "imc", "n_snapshots": 10, "imc_noise_shrink": True, "imc_line_search": True},
+        ),
         # One state, two processes: rank 1 holds nothing and only joins the collectives.
         "idle": ("reweighting", 1, {}),
         # Fresh snapshots every epoch; state T120's second sampling run fails (see failing_sampler).
@@ -91,7 +98,7 @@ def make_trainer(scenario, output_dir):
 
 def summary(trainer):
     """What must agree between runs: parameters and the per-epoch records (timings excluded)."""
-    keep = ("epoch", "loss", "state_losses", "rdf_rmse", "n_eff", "resampled", "grad_norm", "gauss_newton")
+    keep = ("epoch", "loss", "state_losses", "rdf_rmse", "n_eff", "resampled", "grad_norm", "gauss_newton", "imc")
     return {
         "params": {k: v.detach().clone() for k, v in trainer.table.named_parameters()},
         "history": [{k: h[k] for k in keep if k in h} for h in trainer.history],
@@ -140,7 +147,7 @@ def _worker(rank, port, folder):
     assert distributed.init(timeout_minutes=2)
     try:
         out = {}
-        for scenario in ("hybrid", "gauss-newton", "idle"):
+        for scenario in ("hybrid", "gauss-newton", "imc-line", "idle"):
             trainer = make_trainer(scenario, folder / f"{scenario}-dist")
             trainer.fit()
             out[scenario] = summary(trainer)
@@ -197,7 +204,7 @@ def _free_port():
 def runs(tmp_path_factory):
     folder = tmp_path_factory.mktemp("distributed")
     single = {}
-    for scenario in ("hybrid", "gauss-newton", "idle"):
+    for scenario in ("hybrid", "gauss-newton", "imc-line", "idle"):
         trainer = make_trainer(scenario, folder / f"{scenario}-single")
         trainer.fit()
         single[scenario] = summary(trainer)
@@ -245,7 +252,7 @@ def _flat(value):
     return [float(v) for v in value]
 
 
-@pytest.mark.parametrize("scenario", ["hybrid", "gauss-newton", "idle"])
+@pytest.mark.parametrize("scenario", ["hybrid", "gauss-newton", "imc-line", "idle"])
 def test_two_processes_equal_one_process(runs, scenario):
     one = runs["single"][scenario]
     for rank, out in enumerate(runs["ranks"]):
@@ -263,6 +270,9 @@ def test_two_processes_equal_one_process(runs, scenario):
         assert one["rollout_steps"] > 0
     if scenario == "gauss-newton":
         assert any(h["gauss_newton"]["accepted"] for h in one["history"])
+    if scenario == "imc-line":
+        assert all(0.25 <= h["imc"]["line_scale"] <= 1.0 for h in one["history"] if h["imc"]["max_change_kT"] > 0)
+        assert any("line_scale" in h["imc"] for h in one["history"])
 
 
 def test_a_failure_on_one_rank_rolls_every_rank_back_as_one_process_does(runs):

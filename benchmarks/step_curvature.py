@@ -23,8 +23,6 @@ import argparse
 import sys
 from pathlib import Path
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import paper_experiments as pe  # noqa: E402
 from newton_step_regions import initial_trainer  # noqa: E402
@@ -65,26 +63,18 @@ def main(argv=None) -> int:
         f"{args.case} {args.method}, seed {args.seed}: loss {loss0:.3e} on {args.frames} frames at the initial guess;"
         f" the capped step moves u(r) by {record['max_change_kT']:.3f} kT"
     )
-    # Per state: ρ, Jδ, ρ'' and the frames' energy change along the whole step.
-    parts = []
-    for state in trainer.states:
-        rho, jac = rows[state.name]
-        estimator = trainer.reweighting[state.name]
-        after = estimator.frame_energies(trainer.table)
-        curvature = torch.zeros_like(rho)
-        second = estimator.residual_curvature(state, state.targets, before[state.name], after)
-        curvature[: second.numel()] = second
-        parts.append((state, estimator, rho, jac @ step, curvature))
+    # Per state: ρ, Jδ and ½ρ'' along the whole step, as imc_line_search reads them.
+    terms = trainer._line_terms(rows, before, step)
     print(f"{'t':>5s} {'linear':>10s} {'2nd order':>10s} {'reweighted':>10s} {'N_eff':>6s}")
     for t in FRACTIONS:
-        linear = sum(float((rho + t * first) @ (rho + t * first)) for _, _, rho, first, _ in parts)
+        linear = sum(float((rho + t * first) @ (rho + t * first)) for rho, first, _ in terms)
         quadratic = sum(
-            float((rho + t * first + 0.5 * t * t * c) @ (rho + t * first + 0.5 * t * t * c))
-            for _, _, rho, first, c in parts
+            float((rho + t * first + t * t * half) @ (rho + t * first + t * t * half)) for rho, first, half in terms
         )
         trainer._set_flat_parameters(start + t * step)
         reweighted, n_eff = 0.0, float("inf")
-        for state, estimator, *_ in parts:
+        for state in trainer.states:
+            estimator = trainer.reweighting[state.name]
             rho_t, fraction = estimator.residuals(trainer.table, state, state.targets)
             reweighted += float(rho_t.detach() @ rho_t.detach())
             n_eff = min(n_eff, fraction * args.frames)

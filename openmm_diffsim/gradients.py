@@ -201,6 +201,15 @@ def _rdf_loss_terms(g_model: Tensor, targets: List[_PreparedTarget]) -> Tensor:
     return sum(rdf_loss(g_model[k], t.g, t.weights) for k, t in enumerate(targets))
 
 
+def _rdf_rows(values: Tensor, targets: List[_PreparedTarget], scale: float) -> Tensor:
+    """RDF rows of a residual-like vector: ``values[..., k, :]`` per target k, times ``sqrt(scale w_b)``, concatenated.
+
+    ``values`` has the targets on its second-to-last axis and the bins on
+    the last; leading axes (blocks of frames, say) are kept.
+    """
+    return torch.cat([torch.sqrt(scale * _bin_weights(t)) * values[..., k, :] for k, t in enumerate(targets)], dim=-1)
+
+
 def _rmse(g_model: Tensor, targets: List[_PreparedTarget]) -> Dict[str, float]:
     g = g_model.detach()
     return {t.key: float(torch.sqrt(((g[k] - t.g) ** 2).mean())) for k, t in enumerate(targets)}
@@ -603,9 +612,7 @@ class ReweightingEstimator:
         energy, virial = self._energy_and_virial(table, self.pressure_weight > 0)
         weights = torch.softmax(-beta * (energy - self._reference_energy), 0)
         g_model = torch.einsum("s,stb->tb", weights, self._rdfs[:, rows])
-        parts = []
-        for k, t in enumerate(targets_prepared):
-            parts.append(torch.sqrt(scale * _bin_weights(t)) * (g_model[k] - t.g))
+        parts = [_rdf_rows(g_model - torch.stack([t.g for t in targets_prepared]), targets_prepared, scale)]
         for _, term_weight, value, target in self._thermodynamic_terms(state, weights, energy, virial):
             parts.append((math.sqrt(term_weight * scale) * (value - target)).reshape(1))
         with torch.no_grad():
@@ -707,7 +714,7 @@ class ReweightingEstimator:
         centred = frames - torch.einsum("s,stb->tb", weights, frames)
         third = torch.einsum("s,stb->tb", weights * change**2, centred)
         scale = float(state.weight) * float(loss_weight)
-        return torch.cat([torch.sqrt(scale * _bin_weights(t)) * third[k] for k, t in enumerate(targets_prepared)])
+        return _rdf_rows(third, targets_prepared, scale)
 
     def residual_noise(self, state, targets, loss_weight: float = 1.0, n_blocks: int = 10) -> float:
         """Expected part of ``ρ·ρ`` that is sampling noise, at the snapshots' own parameters (RDF rows).
@@ -789,8 +796,7 @@ class ReweightingEstimator:
         means = frames.reshape(blocks, size, *frames.shape[1:]).mean(1)
         scale = float(state.weight) * float(loss_weight)
         deviations = means - means.mean(0, keepdim=True)  # (B, n_targets, n_bins)
-        parts = [torch.sqrt(scale * _bin_weights(t)) * deviations[:, k] for k, t in enumerate(targets_prepared)]
-        return torch.cat(parts, dim=1).to(torch.float64)
+        return _rdf_rows(deviations, targets_prepared, scale).to(torch.float64)
 
     def _check_thermodynamic_targets(self, state) -> None:
         if self.pressure_weight > 0:
@@ -822,9 +828,7 @@ class ReweightingEstimator:
         """Normalised snapshot weights (F,) at the table's current parameters (no grad)."""
         if self._snapshots is None:
             raise RuntimeError("call reset(table, snapshots) or the estimator first")
-        with torch.no_grad():
-            energy, _ = self._energy_and_virial(table, False)
-            return torch.softmax(-float(state.beta) * (energy.detach() - self._reference_energy), 0)
+        return torch.softmax(-float(state.beta) * (self.frame_energies(table) - self._reference_energy), 0)
 
 
 def fisher_metric(table: PairTable, state, snapshots, histogram_bin_width: float = 0.0005) -> Tensor:

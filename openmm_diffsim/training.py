@@ -1531,15 +1531,7 @@ class Trainer:
         """
         taken = self._flat_parameters() - start
         coefficients = torch.zeros(5, dtype=torch.float64)  # of t^0 .. t^4
-        for state in self._states_here():
-            rho, jac = rows[state.name]
-            estimator = self.reweighting[state.name]
-            first = jac @ taken.to(jac.dtype)
-            half_second = torch.zeros_like(rho)
-            curvature = estimator.residual_curvature(
-                state, state.targets, energies_before[state.name], estimator.frame_energies(self.table), 1.0
-            )
-            half_second[: curvature.numel()] = 0.5 * curvature
+        for rho, first, half_second in self._line_terms(rows, energies_before, taken):
             coefficients = coefficients + torch.stack(
                 [
                     rho @ rho,
@@ -1565,6 +1557,29 @@ class Trainer:
             "line_model_loss": float(model[best]),
             "line_model_loss_full": float(model[-1]),
         }
+
+    def _line_terms(
+        self,
+        rows: Dict[str, Tuple[torch.Tensor, torch.Tensor]],
+        energies_before: Dict[str, torch.Tensor],
+        taken: torch.Tensor,
+    ) -> List[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """Per state of this process, ``(ρ, Jδ, ½ρ'')`` of the model ``ρ + t Jδ + ½ t² ρ''`` along the step ``taken``.
+
+        ``rows`` and ``energies_before`` are at the step's start, the table at
+        its end; ρ'' is 0 on the pressure and energy rows.
+        """
+        terms = []
+        for state in self._states_here():
+            rho, jac = rows[state.name]
+            estimator = self.reweighting[state.name]
+            half_second = torch.zeros_like(rho)
+            curvature = estimator.residual_curvature(
+                state, state.targets, energies_before[state.name], estimator.frame_energies(self.table), 1.0
+            )
+            half_second[: curvature.numel()] = 0.5 * curvature
+            terms.append((rho, jac @ taken.to(jac.dtype), half_second))
+        return terms
 
     def _restore_configurations(self, states: Optional[Dict[str, Dict[str, Any]]]) -> None:
         """Continue sampling from ``states`` (positions, velocities, box per state name)."""

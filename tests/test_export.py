@@ -97,6 +97,7 @@ def test_tabulated_force_pair_types_and_overlap():
         for r in (0.05, 0.31, 0.52, 0.8999, 0.95):
             positions = np.array([[1.0, 1.0, 1.0], [1.0 + r, 1.0, 1.0]])
             system = tabulated_system(table, names, 39.9, lengths, n_points=4000, r_min=0.2)
+            assert system.getForce(0).getNumTabulatedFunctions() == 1  # every pair type in one table
             e, f = energy_forces(system, positions)
             if r < 0.2:
                 u0, du0 = table.evaluate(np.array([0.2]), pair)

@@ -150,6 +150,38 @@ def test_expression_force_is_the_table_for_every_pair_type_and_cutoff_convention
         assert energies[-1] == 0.0 and abs(energies[0]) > 1.0
 
 
+@pytest.mark.parametrize("mode", ["truncate", "shift", "switch"])
+def test_tabulated_force_holds_every_pair_type_in_one_table(mode):
+    """Each pair type's segment of the merged spline, up to both of its ends, and past them."""
+    table = spline_mixture_table(mode)
+    for species, pair in (([2, 0], 0), ([1, 1], 1), ([0, 2], 2)):
+        state = StatePoint("pair", ["A", "B"], species, [40.0, 40.0], 100.0, box=[2.0, 2.0, 2.0])
+        # Reference platform: double precision, so the table is checked, not float32 rounding.
+        sampler = Sampler(state, table, backend="tabulated", platform="Reference", positions=np.zeros((2, 3)), seed=0)
+        force = sampler.system.getForce(sampler._locate_force())
+        assert force.getNumTabulatedFunctions() == 1
+        r_min = sampler._table_r_min
+        inside = np.array([r_min + 1e-7, 0.305, 0.335, 0.5, 0.71, 0.79, 0.81, CUTOFF - 1e-5, CUTOFF - 1e-7])
+        outside = np.array([0.5 * r_min, CUTOFF + 1e-7, 0.95])
+        energies, forces = [], []
+        for r in np.concatenate([inside, outside]):
+            sampler.set_state(np.array([[0.5, 0.5, 0.5], [0.5 + r, 0.5, 0.5]]))
+            e, f = sampler.energy_and_forces()
+            energies.append(e)
+            forces.append(f[1, 0])
+        u, du = table.evaluate(inside, pair)
+        # Measured: |dE| <= 2e-8 |u| + 1e-10 kJ/mol; |dF| <= 1.5e-5 kJ/mol/nm away from r_min, where u's
+        # curvature (u ~ 1e5 kJ/mol) against the linear continuation below costs 2.4e-3 relative.
+        np.testing.assert_allclose(energies[: inside.size], u, rtol=1e-7, atol=1e-9)
+        np.testing.assert_allclose(forces[1 : inside.size], -du[1:], rtol=1e-7, atol=1e-4)
+        assert forces[0] == pytest.approx(-du[0], rel=5e-3)
+        # Below r_min: the linear continuation; past the cutoff: nothing.
+        u_min, du_min = table.evaluate(np.array([r_min]), pair)
+        assert energies[inside.size] == pytest.approx(u_min[0] + du_min[0] * (outside[0] - r_min), rel=1e-9)
+        assert forces[inside.size] == pytest.approx(-du_min[0], rel=1e-9)
+        assert energies[-2:] == [0.0, 0.0] and forces[-2:] == [0.0, 0.0]
+
+
 def test_expression_backend_is_the_cpu_default_where_a_closed_form_exists():
     state = mixture_state()
     table = spline_mixture_table()

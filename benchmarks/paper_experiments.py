@@ -57,6 +57,17 @@ the same protocol gives the noise floor of the RDF error.
     python benchmarks/paper_experiments.py --scale full --cases all           # the whole table
     python benchmarks/paper_experiments.py --quick --cases lj                 # smoke test
 
+``--thermo`` adds the truth's virial pressure and mean pair energy per
+particle (from the target run, or from an extra run of the truth where the
+cached targets predate the option) to every training state: the
+reweighting-based methods fit them next to the RDFs (``pressure_weight``,
+``energy_weight``, each set so that the term weighs like one RDF bin against
+its noise: the per-bin variance of g over the number of bins times the
+variance of P or U/N, over blocks of the target run), the rollout methods
+the same terms from their rollouts, IBI
+adds its pressure ramp (``pressure_correction``). Use another ``--output``
+for such runs: their rows replace the RDF-only ones of the same case.
+
 Writes ``<output>/results.json``, ``<output>/results.md`` (the table),
 ``<output>/<case>/<method>/`` (log.jsonl, checkpoint, plots) and
 ``<output>/<case>_time_to_accuracy_{wall,steps}.png``. Results of cases already
@@ -76,7 +87,9 @@ from typing import Any, Dict, List, Optional
 import numpy as np
 import torch  # noqa: F401  (torch before openmm)
 
+from openmm_diffsim.energy import potential_energy
 from openmm_diffsim.ibi import IBI, spline_table_from_targets
+from openmm_diffsim.observables import compute_partial_rdfs, virial_pressure
 from openmm_diffsim.potentials import LennardJones, ModifiedMorse, PairTable
 from openmm_diffsim.sampling import reference_rdfs
 from openmm_diffsim.systems import MOLAR_GAS_CONSTANT, StatePoint
@@ -329,9 +342,10 @@ def all_cases(n: int) -> Dict[str, Dict[str, Any]]:
 # -- targets and evaluation ---------------------------------------------------------------------------------------
 
 
-def simulate_rdfs(state: StatePoint, table: PairTable, protocol, seed: int, platform: Optional[str]):
+def simulate_rdfs(state: StatePoint, table: PairTable, protocol, seed: int, platform: Optional[str], snapshots=False):
+    """Partial RDFs of ``table`` at ``state`` by ``protocol``: (r, g), or (r, g, snapshots) with ``snapshots``."""
     frames, interval, equilibration = protocol
-    r, g, _ = reference_rdfs(
+    r, g, frames_run = reference_rdfs(
         state,
         table,
         n_snapshots=frames,
@@ -342,7 +356,56 @@ def simulate_rdfs(state: StatePoint, table: PairTable, protocol, seed: int, plat
         timestep=SAMPLER["timestep"],  # reference_rdfs uses the sampler's default friction, 1/ps = 1/tau
         **RDF_GRID,
     )
-    return r, g
+    return (r, g, frames_run) if snapshots else (r, g)
+
+
+#: Blocks of the target run over which the noise of g, P and U/N is estimated (``--thermo``).
+THERMO_BLOCKS = 10
+
+
+def thermodynamic_targets(state: StatePoint, truth: PairTable, snapshots) -> Dict[str, float]:
+    """The truth's virial pressure (bar) and mean pair energy per particle (kJ/mol) over ``snapshots``,
+    with the weights that make each term weigh like one RDF bin.
+
+    A sample of n frames has a per-bin variance of g (averaged over bins and
+    pair types) of v_g / n and a variance of its mean pressure of v_P / n.
+    An RDF row's loss is the mean of (g - g_target)^2 over its B bins, so
+    ``pressure_weight`` = v_g / (B v_P) gives (P - P_target)^2 the weight of
+    one bin relative to its noise, as an inverse-variance (chi^2) fit would,
+    whatever n; likewise ``energy_weight``. (Weighing each number like a
+    whole row, v_g / v_P, let the precise energy outweigh the RDFs a
+    hundredfold: on the binary mixture at x1 = 0.25 IMC then matched U/N to
+    0.2 kJ/mol with a potential 0.95 kT rms from the truth.) The variances
+    are those of block means over ``THERMO_BLOCKS`` blocks.
+    """
+    positions = torch.as_tensor(snapshots.positions)
+    boxes = torch.as_tensor(snapshots.boxes)
+    species = torch.as_tensor(state.particle_species())
+    with torch.no_grad():
+        pressure = virial_pressure(truth, positions, boxes, species, temperature=state.temperature).numpy()
+        energy = (
+            np.array([float(potential_energy(truth, x, b, species)) for x, b in zip(positions, boxes, strict=True)])
+            / state.n_particles
+        )
+        size = positions.shape[0] // THERMO_BLOCKS
+        if size < 1:
+            raise ValueError(f"--thermo needs at least {THERMO_BLOCKS} target frames, got {positions.shape[0]}")
+        blocks = [slice(b * size, (b + 1) * size) for b in range(THERMO_BLOCKS)]
+        g_blocks = torch.stack(
+            [compute_partial_rdfs(positions[b], boxes[b], species, state.n_species, **RDF_GRID)[1] for b in blocks]
+        ).numpy()  # (blocks, pair types, bins)
+    variance_g = float(g_blocks.var(axis=0, ddof=1).mean())
+    n_bins = g_blocks.shape[-1]
+    variance_p = float(np.var([pressure[b].mean() for b in blocks], ddof=1))
+    variance_u = float(np.var([energy[b].mean() for b in blocks], ddof=1))
+    return {
+        "pressure": float(pressure.mean()),
+        "energy": float(energy.mean()),
+        "pressure_error": float(np.sqrt(variance_p / THERMO_BLOCKS)),
+        "energy_error": float(np.sqrt(variance_u / THERMO_BLOCKS)),
+        "pressure_weight": variance_g / (n_bins * variance_p),
+        "energy_weight": variance_g / (n_bins * variance_u),
+    }
 
 
 def pair_keys(state: StatePoint) -> List[tuple]:
@@ -350,23 +413,60 @@ def pair_keys(state: StatePoint) -> List[tuple]:
     return [(s[a], s[b]) for a in range(len(s)) for b in range(a, len(s))]
 
 
-def attach_targets(case_name: str, case, scale: str, cache: Path, platform: Optional[str]) -> Dict[str, float]:
-    """Simulate (or read cached) target RDFs of every state; returns the seconds spent simulating."""
+def attach_targets(
+    case_name: str, case, scale: str, cache: Path, platform: Optional[str], thermo: bool = False
+) -> Dict[str, Any]:
+    """Simulate (or read cached) target RDFs of every state; returns the seconds spent simulating.
+
+    With ``thermo`` each training state also gets the truth's ``pressure`` and
+    ``energy`` (:func:`thermodynamic_targets`, from the target run, or from an
+    extra run of the truth when the cached targets have none), and the return
+    value holds them under ``"thermo"`` (per state) next to the seconds.
+    """
     truth = case["truth"]()
-    spent = {}
+    spent: Dict[str, Any] = {}
+    n_train = len(case["train"])
     for k, state in enumerate(case["train"] + case["test"]):
         file = cache / f"{scale}_{case['family']}_{state.name}.npz"
+        want_thermo = thermo and k < n_train
+        stored: Dict[str, Any] = {}
         if file.exists():
-            data = np.load(file)
-            r, g = data["r"], data["g"]
+            stored = dict(np.load(file))
+            r, g = stored["r"], stored["g"]
         else:
             start = time.perf_counter()
-            r, g = simulate_rdfs(state, truth, SCALES[scale]["target"], seed=1000 + k, platform=platform)
+            r, g, frames = simulate_rdfs(
+                state, truth, SCALES[scale]["target"], seed=1000 + k, platform=platform, snapshots=True
+            )
             spent[state.name] = time.perf_counter() - start
+            stored = {"r": r, "g": g}
+            if want_thermo:
+                stored.update(thermodynamic_targets(state, truth, frames))
             cache.mkdir(parents=True, exist_ok=True)
-            np.savez(file, r=r, g=g)
+            np.savez(file, **stored)
+        if want_thermo and "pressure" not in stored:
+            # Targets cached before --thermo: the truth's observables from an independent run, same protocol.
+            start = time.perf_counter()
+            _, _, frames = simulate_rdfs(
+                state, truth, SCALES[scale]["target"], seed=2000 + k, platform=platform, snapshots=True
+            )
+            spent[f"{state.name} (thermo)"] = time.perf_counter() - start
+            stored.update(thermodynamic_targets(state, truth, frames))
+            np.savez(file, **stored)
+        if want_thermo:
+            values = {key: float(stored[key]) for key in THERMO_KEYS}
+            state.pressure, state.energy = values["pressure"], values["energy"]
+            spent.setdefault("thermo", {})[state.name] = values
         state.targets = [Target(r, g[row], pair, state.name) for row, pair in enumerate(pair_keys(state))]
     return spent
+
+
+THERMO_KEYS = ("pressure", "energy", "pressure_error", "energy_error", "pressure_weight", "energy_weight")
+
+
+def thermo_options(thermo: Dict[str, Dict[str, float]]) -> Dict[str, float]:
+    """``pressure_weight`` and ``energy_weight`` for the estimator: the mean over the training states."""
+    return {key: float(np.mean([v[key] for v in thermo.values()])) for key in ("pressure_weight", "energy_weight")}
 
 
 def rdf_errors(state: StatePoint, g: np.ndarray) -> Dict[str, float]:
@@ -380,10 +480,25 @@ def rdf_errors(state: StatePoint, g: np.ndarray) -> Dict[str, float]:
 
 
 def evaluate_states(table, states, scale: str, seed: int, platform: Optional[str]) -> Dict[str, Dict[str, float]]:
+    """RDF errors of ``table`` re-simulated at each state; where a state has a target pressure (``--thermo``),
+    also ``pressure_error`` (bar) and ``energy_error`` (kJ/mol per particle) of the re-simulation."""
     out = {}
     for k, state in enumerate(states):
-        _, g = simulate_rdfs(state, table, SCALES[scale]["evaluation"], seed=seed + k, platform=platform)
+        _, g, frames = simulate_rdfs(
+            state, table, SCALES[scale]["evaluation"], seed=seed + k, platform=platform, snapshots=True
+        )
         out[state.name] = rdf_errors(state, g)
+        if getattr(state, "pressure", None) is not None:
+            positions = torch.as_tensor(frames.positions)
+            boxes = torch.as_tensor(frames.boxes)
+            species = torch.as_tensor(state.particle_species())
+            with torch.no_grad():
+                pressure = virial_pressure(table, positions, boxes, species, temperature=state.temperature)
+                energy = sum(
+                    float(potential_energy(table, x, b, species)) for x, b in zip(positions, boxes, strict=True)
+                )
+            out[state.name]["pressure_error"] = float(pressure.mean()) - state.pressure
+            out[state.name]["energy_error"] = energy / (len(positions) * state.n_particles) - state.energy
     return out
 
 
@@ -442,14 +557,34 @@ def curve_epochs(max_epochs: int, points: int) -> List[int]:
     return sorted(set(int(e) for e in grid) | {max_epochs})
 
 
-def train(method: str, table: PairTable, states, epochs: int, output: Path, seed: int, platform, points: int):
-    """Train with one method; returns (runner, saved potentials along the way)."""
+def train(
+    method: str,
+    table: PairTable,
+    states,
+    epochs: int,
+    output: Path,
+    seed: int,
+    platform,
+    points: int,
+    thermo: Optional[Dict[str, float]] = None,
+):
+    """Train with one method; returns (runner, saved potentials along the way).
+
+    ``thermo`` (``pressure_weight``, ``energy_weight``; the states carry the
+    targets) fits the pressure and energy too: IBI by its pressure ramp, the
+    other methods by those loss terms.
+    """
     settings = copy.deepcopy(METHOD_SETTINGS[method])
     sampler_options = dict(SAMPLER)
     if platform:
         sampler_options["platform"] = platform
     estimator_options = dict(RDF_GRID)
     estimator_options.update(settings.pop("estimator_options", {}))
+    if thermo is not None:
+        if method == "ibi":
+            settings["pressure_correction"] = True
+        else:
+            estimator_options.update(thermo)
     saves = set(curve_epochs(epochs, points))
     saved: List[Dict[str, Any]] = []
     # CPU time of this process (all threads, OpenMM's included): on a shared
@@ -521,16 +656,25 @@ FIRST_TRAINING_SEED = 11
 
 
 def run_case(
-    name: str, case, methods, scale: str, output: Path, platform: Optional[str], seeds: int = 1
+    name: str,
+    case,
+    methods,
+    scale: str,
+    output: Path,
+    platform: Optional[str],
+    seeds: int = 1,
+    thermo: bool = False,
 ) -> Dict[str, Any]:
     """Every method on one case; with ``seeds`` > 1 each method is trained and evaluated ``seeds`` times
     (training seeds 11, 12, ..., evaluation seeds offset by SEED_STRIDE) and the entry holds the means,
-    the per-seed entries under ``"seeds"``."""
+    the per-seed entries under ``"seeds"``. ``thermo``: fit the truth's pressure and energy too
+    (:func:`attach_targets`, :func:`train`)."""
     if isinstance(seeds, bool) or not isinstance(seeds, int) or seeds < 1:
         raise ValueError(f"seeds must be a positive integer, got {seeds!r}")
     spec = SCALES[scale]
     print(f"\n=== {name}: train {[s.name for s in case['train']]}, test {[s.name for s in case['test']]} ===")
-    target_seconds = attach_targets(name, case, scale, output / "targets", platform)
+    target_seconds = attach_targets(name, case, scale, output / "targets", platform, thermo=thermo)
+    thermo_targets = target_seconds.pop("thermo", None)
     truth = case["truth"]()
     train_states, test_states = case["train"], case["test"]
     initial = spline_table_from_targets(train_states, CUTOFF, knot_spacing=KNOT_SPACING)
@@ -542,6 +686,8 @@ def run_case(
         "n_seeds": seeds,
         "methods": {},
     }
+    if thermo_targets is not None:
+        result["thermo"] = {"targets": thermo_targets, "options": thermo_options(thermo_targets)}
     # The noise floor: the truth re-simulated with the evaluation protocol (once per seed).
     noise_runs = [
         (
@@ -584,6 +730,7 @@ def run_case(
                     seed_index=i,
                     initial_rmse=initial_rmse[i],
                     platform=platform,
+                    thermo=result["thermo"]["options"] if thermo_targets is not None else None,
                 )
             )
         entry = runs[0] if seeds == 1 else aggregate_seeds(runs)
@@ -609,6 +756,7 @@ def train_and_evaluate(
     seed_index: int,
     initial_rmse: float,
     platform: Optional[str],
+    thermo: Optional[Dict[str, float]] = None,
 ) -> Dict[str, Any]:
     """One training run from ``initial`` and the re-simulation of its saved potentials: one method's entry."""
     spec = SCALES[scale]
@@ -622,6 +770,7 @@ def train_and_evaluate(
         seed=FIRST_TRAINING_SEED + seed_index,
         platform=platform,
         points=spec["curve_points"],
+        thermo=thermo,
     )
     curve = [
         dict(
@@ -922,6 +1071,12 @@ def main(argv=None) -> int:
         help="train and evaluate every method K times (training seeds 11, 12, ...; evaluation seeds offset too) "
         "and report the means, the spread and the goal per seed",
     )
+    parser.add_argument(
+        "--thermo",
+        action="store_true",
+        help="fit the truth's pressure and pair energy at the training states too (IBI: its pressure ramp); "
+        "use another --output than for RDF-only runs",
+    )
     args = parser.parse_args(argv)
     if args.seeds < 1:
         parser.error(f"--seeds takes a positive integer, got {args.seeds}")
@@ -953,10 +1108,13 @@ def main(argv=None) -> int:
         "sampler": SAMPLER,
         "knot_spacing": KNOT_SPACING,
         "seeds": args.seeds,
+        "thermo": args.thermo,
     }
     for name in names:
         previous = results.get(name, {}).get("methods", {})
-        results[name] = run_case(name, cases[name], args.methods, scale, output, args.platform, seeds=args.seeds)
+        results[name] = run_case(
+            name, cases[name], args.methods, scale, output, args.platform, seeds=args.seeds, thermo=args.thermo
+        )
         # Methods not run this time keep their earlier results (same targets, same protocol).
         kept = {m: e for m, e in previous.items() if m not in args.methods}
         if kept:

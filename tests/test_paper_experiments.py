@@ -222,25 +222,93 @@ def test_newton_step_regions_initial_trainer_is_the_first_step_of_a_fit(paper):
     np.testing.assert_allclose(trainer.table.evaluate(grid, 0)[0], guess.evaluate(grid, 0)[0], rtol=0, atol=1e-12)
 
 
-def test_every_method_settings_are_accepted_by_its_runner(paper, monkeypatch, tmp_path):
-    """Each method's settings, as ``train`` passes them, construct a real Trainer or IBI (no option left stale)."""
+class Constructed(Exception):
+    """Raised by a runner's ``fit`` (monkeypatched): carries the runner ``train`` built."""
 
-    class Constructed(Exception):
-        pass
+
+def built_runner(paper, monkeypatch, method, state, folder, **options):
+    """The Trainer or IBI that ``paper.train`` constructs for ``method``, stopped before it fits."""
 
     def stop(self):
         raise Constructed(self)
 
     monkeypatch.setattr(paper.Trainer, "fit", stop)
     monkeypatch.setattr(paper.IBI, "fit", stop)
+    table = paper.spline_table_from_targets([state], paper.CUTOFF, knot_spacing=paper.KNOT_SPACING)
+    with pytest.raises(Constructed) as built:
+        paper.train(method, table, [state], 2, folder, seed=1, platform=None, points=2, **options)
+    return built.value.args[0]
+
+
+def test_every_method_settings_are_accepted_by_its_runner(paper, monkeypatch, tmp_path):
+    """Each method's settings, as ``train`` passes them, construct a real Trainer or IBI (no option left stale)."""
     state = dilute_lj_state(paper)
     assert set(paper.METHOD_SETTINGS) <= set(paper.METHODS) | {"imc"}
     for method in paper.METHODS:
-        table = paper.spline_table_from_targets([state], paper.CUTOFF, knot_spacing=paper.KNOT_SPACING)
-        with pytest.raises(Constructed) as built:
-            paper.train(method, table, [state], 2, tmp_path / method, seed=1, platform=None, points=2)
-        run = built.value.args[0]
+        run = built_runner(paper, monkeypatch, method, state, tmp_path / method)
         settings = {k: v for k, v in paper.METHOD_SETTINGS.get(method, {}).items() if k != "estimator_options"}
         for key, value in settings.items():
             if key in run.options:
                 assert run.options[key] == value, (method, key)
+
+
+def test_thermo_targets_reach_every_runner(paper, monkeypatch, tmp_path):
+    """--thermo: IBI adds its pressure ramp, the estimators get the weights, the states their targets."""
+    state = dilute_lj_state(paper)
+    state.pressure, state.energy = 2.8, -1.9
+    weights = {"pressure_weight": 0.017, "energy_weight": 0.53}
+    for method in ("ibi", "imc-prior", "reweighting", "rollout"):
+        run = built_runner(paper, monkeypatch, method, state, tmp_path / method, thermo=weights)
+        if method == "ibi":
+            assert run.options["pressure_correction"] is True
+        else:
+            options = run.options["estimator_options"]
+            assert options["pressure_weight"] == 0.017 and options["energy_weight"] == 0.53
+        run = built_runner(paper, monkeypatch, method, state, tmp_path / f"{method}-plain")
+        if method == "ibi":
+            assert run.options["pressure_correction"] is False
+        else:
+            assert "pressure_weight" not in run.options["estimator_options"]
+    assert paper.thermo_options({"a": weights, "b": {"pressure_weight": 0.033, "energy_weight": 0.47}}) == (
+        pytest.approx({"pressure_weight": 0.025, "energy_weight": 0.5})
+    )
+
+
+def test_thermodynamic_targets_are_the_truths_and_weigh_noise_like_an_rdf_row(paper):
+    """Pressure and energy of the frames against the package's own observables; weights from block variances."""
+    import torch
+
+    from openmm_diffsim.energy import potential_energy
+    from openmm_diffsim.observables import compute_partial_rdfs, virial_pressure
+    from openmm_diffsim.sampling import Sampler
+    from openmm_diffsim.systems import StatePoint
+
+    truth = paper.lj_table()
+    state = StatePoint("liquid", ["A"], [128], [1.0], temperature=paper.kelvin(1.2), density=0.5)
+    sampler = Sampler(state, truth, seed=3, timestep=paper.SAMPLER["timestep"])
+    sampler.minimize()
+    sampler.equilibrate(500)
+    frames = sampler.run(40, 20)
+    out = paper.thermodynamic_targets(state, truth, frames)
+    positions, boxes = torch.as_tensor(frames.positions), torch.as_tensor(frames.boxes)
+    species = torch.as_tensor(state.particle_species())
+    with torch.no_grad():
+        pressure = virial_pressure(truth, positions, boxes, species, temperature=state.temperature).numpy()
+        energy = [float(potential_energy(truth, x, b, species)) / 128 for x, b in zip(positions, boxes, strict=True)]
+    assert out["pressure"] == pytest.approx(pressure.mean(), rel=1e-12)
+    assert out["energy"] == pytest.approx(np.mean(energy), rel=1e-12)
+    # Ten blocks of four frames.
+    g = np.stack(
+        [
+            compute_partial_rdfs(positions[b : b + 4], boxes[b : b + 4], species, 1, **paper.RDF_GRID)[1]
+            for b in range(0, 40, 4)
+        ]
+    )
+    p_blocks = pressure.reshape(10, 4).mean(1)
+    assert out["pressure_weight"] == pytest.approx(
+        g.var(axis=0, ddof=1).mean() / (g.shape[-1] * p_blocks.var(ddof=1)), rel=1e-9
+    )
+    assert out["pressure_error"] == pytest.approx(p_blocks.std(ddof=1) / np.sqrt(10), rel=1e-9)
+    assert 0 < out["energy_weight"] < np.inf and out["energy"] < 0
+    with pytest.raises(ValueError, match="at least 10 target frames"):
+        paper.thermodynamic_targets(state, truth, sampler.run(5, 10))

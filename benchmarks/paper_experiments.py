@@ -363,48 +363,78 @@ def simulate_rdfs(state: StatePoint, table: PairTable, protocol, seed: int, plat
 THERMO_BLOCKS = 10
 
 
-def thermodynamic_targets(state: StatePoint, truth: PairTable, snapshots) -> Dict[str, float]:
-    """The truth's virial pressure (bar) and mean pair energy per particle (kJ/mol) over ``snapshots``,
-    with the weights that make each term weigh like one RDF bin.
-
-    A sample of n frames has a per-bin variance of g (averaged over bins and
-    pair types) of v_g / n and a variance of its mean pressure of v_P / n.
-    An RDF row's loss is the mean of (g - g_target)^2 over its B bins, so
-    ``pressure_weight`` = v_g / (B v_P) gives (P - P_target)^2 the weight of
-    one bin relative to its noise, as an inverse-variance (chi^2) fit would,
-    whatever n; likewise ``energy_weight``. (Weighing each number like a
-    whole row, v_g / v_P, let the precise energy outweigh the RDFs a
-    hundredfold: on the binary mixture at x1 = 0.25 IMC then matched U/N to
-    0.2 kJ/mol with a potential 0.95 kT rms from the truth.) The variances
-    are those of block means over ``THERMO_BLOCKS`` blocks.
-    """
+def frame_observables(table: PairTable, state: StatePoint, snapshots) -> tuple:
+    """Per-frame virial pressure (F,) in bar and pair energy per particle (F,) in kJ/mol of ``table``."""
     positions = torch.as_tensor(snapshots.positions)
     boxes = torch.as_tensor(snapshots.boxes)
     species = torch.as_tensor(state.particle_species())
     with torch.no_grad():
-        pressure = virial_pressure(truth, positions, boxes, species, temperature=state.temperature).numpy()
-        energy = (
-            np.array([float(potential_energy(truth, x, b, species)) for x, b in zip(positions, boxes, strict=True)])
-            / state.n_particles
-        )
-        size = positions.shape[0] // THERMO_BLOCKS
-        if size < 1:
-            raise ValueError(f"--thermo needs at least {THERMO_BLOCKS} target frames, got {positions.shape[0]}")
-        blocks = [slice(b * size, (b + 1) * size) for b in range(THERMO_BLOCKS)]
+        pressure = virial_pressure(table, positions, boxes, species, temperature=state.temperature).numpy()
+        energy = [float(potential_energy(table, x, b, species)) for x, b in zip(positions, boxes, strict=True)]
+    return pressure, np.asarray(energy) / state.n_particles
+
+
+def thermodynamic_targets(state: StatePoint, truth: PairTable, snapshots) -> Dict[str, float]:
+    """The truth's virial pressure (bar) and mean pair energy per particle (kJ/mol) over ``snapshots``, their
+    standard errors, and the variances of block means behind :func:`thermo_weights`.
+
+    Returns ``pressure``, ``energy``, ``pressure_error``, ``energy_error``,
+    ``g_variance`` (per-bin variance of g, averaged over bins and pair types),
+    ``pressure_variance``, ``energy_variance`` (all of block means over
+    ``THERMO_BLOCKS`` blocks) and ``n_bins``. The cache keeps these, not the
+    weights, so that the weighting can change without new targets.
+    """
+    if len(snapshots.positions) < THERMO_BLOCKS:
+        raise ValueError(f"--thermo needs at least {THERMO_BLOCKS} target frames, got {len(snapshots.positions)}")
+    pressure, energy = frame_observables(truth, state, snapshots)
+    size = len(pressure) // THERMO_BLOCKS
+    blocks = [slice(b * size, (b + 1) * size) for b in range(THERMO_BLOCKS)]
+    positions, boxes = torch.as_tensor(snapshots.positions), torch.as_tensor(snapshots.boxes)
+    species = torch.as_tensor(state.particle_species())
+    with torch.no_grad():
         g_blocks = torch.stack(
             [compute_partial_rdfs(positions[b], boxes[b], species, state.n_species, **RDF_GRID)[1] for b in blocks]
         ).numpy()  # (blocks, pair types, bins)
-    variance_g = float(g_blocks.var(axis=0, ddof=1).mean())
-    n_bins = g_blocks.shape[-1]
-    variance_p = float(np.var([pressure[b].mean() for b in blocks], ddof=1))
-    variance_u = float(np.var([energy[b].mean() for b in blocks], ddof=1))
+    variances = {
+        "g_variance": float(g_blocks.var(axis=0, ddof=1).mean()),
+        "pressure_variance": float(np.var([pressure[b].mean() for b in blocks], ddof=1)),
+        "energy_variance": float(np.var([energy[b].mean() for b in blocks], ddof=1)),
+    }
+    for name, series in (("pressure_variance", pressure), ("energy_variance", energy)):
+        # The denominators of thermo_weights; round-off alone (identical frames) leaves ~1e-30 of the mean^2.
+        value = variances[name]
+        if not (np.isfinite(value) and value > 1e-20 * max(float(series.mean()) ** 2, 1.0)):
+            raise ValueError(
+                f"state {state.name!r}: the {name.replace('_', ' ')} over {THERMO_BLOCKS} blocks of the target "
+                f"frames is {value:.3g}; the frames do not sample the state (too few, or identical)"
+            )
     return {
         "pressure": float(pressure.mean()),
         "energy": float(energy.mean()),
-        "pressure_error": float(np.sqrt(variance_p / THERMO_BLOCKS)),
-        "energy_error": float(np.sqrt(variance_u / THERMO_BLOCKS)),
-        "pressure_weight": variance_g / (n_bins * variance_p),
-        "energy_weight": variance_g / (n_bins * variance_u),
+        "pressure_error": float(np.sqrt(variances["pressure_variance"] / THERMO_BLOCKS)),
+        "energy_error": float(np.sqrt(variances["energy_variance"] / THERMO_BLOCKS)),
+        **variances,
+        "n_bins": int(g_blocks.shape[-1]),
+    }
+
+
+def thermo_weights(statistics: Dict[str, float]) -> Dict[str, float]:
+    """``pressure_weight`` and ``energy_weight`` that make each term weigh like one RDF bin against its noise.
+
+    A sample of n frames has a per-bin variance of g of v_g / n and a
+    variance of its mean pressure of v_P / n. An RDF row's loss is the mean
+    of (g - g_target)^2 over its B bins, so ``pressure_weight`` =
+    v_g / (B v_P) gives (P - P_target)^2 the weight of one bin relative to
+    its noise, as an inverse-variance (chi^2) fit would, whatever n;
+    likewise ``energy_weight``. (Weighing each number like a whole row,
+    v_g / v_P, let the precise energy outweigh the RDFs a hundredfold: on
+    the binary mixture at x1 = 0.25 IMC then matched U/N to 0.2 kJ/mol with
+    a potential 0.95 kT rms from the truth.)
+    """
+    per_bin = statistics["g_variance"] / statistics["n_bins"]
+    return {
+        "pressure_weight": per_bin / statistics["pressure_variance"],
+        "energy_weight": per_bin / statistics["energy_variance"],
     }
 
 
@@ -415,24 +445,24 @@ def pair_keys(state: StatePoint) -> List[tuple]:
 
 def attach_targets(
     case_name: str, case, scale: str, cache: Path, platform: Optional[str], thermo: bool = False
-) -> Dict[str, Any]:
-    """Simulate (or read cached) target RDFs of every state; returns the seconds spent simulating.
+) -> tuple:
+    """Simulate (or read cached) target RDFs of every state.
 
-    With ``thermo`` each training state also gets the truth's ``pressure`` and
-    ``energy`` (:func:`thermodynamic_targets`, from the target run, or from an
-    extra run of the truth when the cached targets have none), and the return
-    value holds them under ``"thermo"`` (per state) next to the seconds.
+    Returns the seconds spent simulating (per state) and, with ``thermo``,
+    the truth's :func:`thermodynamic_targets` per training state (else an
+    empty dict); those states also get ``pressure`` and ``energy``. The
+    statistics come from the target run, or from an extra run of the truth
+    (same protocol, another seed) when the cached targets have none.
     """
     truth = case["truth"]()
-    spent: Dict[str, Any] = {}
+    spent: Dict[str, float] = {}
+    statistics: Dict[str, Dict[str, float]] = {}
     n_train = len(case["train"])
     for k, state in enumerate(case["train"] + case["test"]):
         file = cache / f"{scale}_{case['family']}_{state.name}.npz"
         want_thermo = thermo and k < n_train
-        stored: Dict[str, Any] = {}
         if file.exists():
             stored = dict(np.load(file))
-            r, g = stored["r"], stored["g"]
         else:
             start = time.perf_counter()
             r, g, frames = simulate_rdfs(
@@ -444,8 +474,8 @@ def attach_targets(
                 stored.update(thermodynamic_targets(state, truth, frames))
             cache.mkdir(parents=True, exist_ok=True)
             np.savez(file, **stored)
-        if want_thermo and "pressure" not in stored:
-            # Targets cached before --thermo: the truth's observables from an independent run, same protocol.
+        if want_thermo and not all(key in stored for key in THERMO_KEYS):
+            # Targets cached before --thermo (or before these statistics): an independent run of the truth.
             start = time.perf_counter()
             _, _, frames = simulate_rdfs(
                 state, truth, SCALES[scale]["target"], seed=2000 + k, platform=platform, snapshots=True
@@ -454,19 +484,30 @@ def attach_targets(
             stored.update(thermodynamic_targets(state, truth, frames))
             np.savez(file, **stored)
         if want_thermo:
-            values = {key: float(stored[key]) for key in THERMO_KEYS}
-            state.pressure, state.energy = values["pressure"], values["energy"]
-            spent.setdefault("thermo", {})[state.name] = values
+            statistics[state.name] = {key: float(stored[key]) for key in THERMO_KEYS}
+            state.pressure, state.energy = statistics[state.name]["pressure"], statistics[state.name]["energy"]
+        r, g = stored["r"], stored["g"]
         state.targets = [Target(r, g[row], pair, state.name) for row, pair in enumerate(pair_keys(state))]
-    return spent
+    return spent, statistics
 
 
-THERMO_KEYS = ("pressure", "energy", "pressure_error", "energy_error", "pressure_weight", "energy_weight")
+#: What the target cache keeps per training state for ``--thermo`` (:func:`thermodynamic_targets`).
+THERMO_KEYS = (
+    "pressure",
+    "energy",
+    "pressure_error",
+    "energy_error",
+    "g_variance",
+    "pressure_variance",
+    "energy_variance",
+    "n_bins",
+)
 
 
-def thermo_options(thermo: Dict[str, Dict[str, float]]) -> Dict[str, float]:
-    """``pressure_weight`` and ``energy_weight`` for the estimator: the mean over the training states."""
-    return {key: float(np.mean([v[key] for v in thermo.values()])) for key in ("pressure_weight", "energy_weight")}
+def thermo_options(statistics: Dict[str, Dict[str, float]]) -> Dict[str, float]:
+    """``pressure_weight`` and ``energy_weight`` for the estimator: :func:`thermo_weights`, averaged over states."""
+    weights = [thermo_weights(values) for values in statistics.values()]
+    return {key: float(np.mean([w[key] for w in weights])) for key in ("pressure_weight", "energy_weight")}
 
 
 def rdf_errors(state: StatePoint, g: np.ndarray) -> Dict[str, float]:
@@ -489,16 +530,9 @@ def evaluate_states(table, states, scale: str, seed: int, platform: Optional[str
         )
         out[state.name] = rdf_errors(state, g)
         if getattr(state, "pressure", None) is not None:
-            positions = torch.as_tensor(frames.positions)
-            boxes = torch.as_tensor(frames.boxes)
-            species = torch.as_tensor(state.particle_species())
-            with torch.no_grad():
-                pressure = virial_pressure(table, positions, boxes, species, temperature=state.temperature)
-                energy = sum(
-                    float(potential_energy(table, x, b, species)) for x, b in zip(positions, boxes, strict=True)
-                )
+            pressure, energy = frame_observables(table, state, frames)
             out[state.name]["pressure_error"] = float(pressure.mean()) - state.pressure
-            out[state.name]["energy_error"] = energy / (len(positions) * state.n_particles) - state.energy
+            out[state.name]["energy_error"] = float(energy.mean()) - state.energy
     return out
 
 
@@ -673,8 +707,7 @@ def run_case(
         raise ValueError(f"seeds must be a positive integer, got {seeds!r}")
     spec = SCALES[scale]
     print(f"\n=== {name}: train {[s.name for s in case['train']]}, test {[s.name for s in case['test']]} ===")
-    target_seconds = attach_targets(name, case, scale, output / "targets", platform, thermo=thermo)
-    thermo_targets = target_seconds.pop("thermo", None)
+    target_seconds, thermo_targets = attach_targets(name, case, scale, output / "targets", platform, thermo=thermo)
     truth = case["truth"]()
     train_states, test_states = case["train"], case["test"]
     initial = spline_table_from_targets(train_states, CUTOFF, knot_spacing=KNOT_SPACING)
@@ -686,7 +719,7 @@ def run_case(
         "n_seeds": seeds,
         "methods": {},
     }
-    if thermo_targets is not None:
+    if thermo_targets:
         result["thermo"] = {"targets": thermo_targets, "options": thermo_options(thermo_targets)}
     # The noise floor: the truth re-simulated with the evaluation protocol (once per seed).
     noise_runs = [
@@ -730,7 +763,7 @@ def run_case(
                     seed_index=i,
                     initial_rmse=initial_rmse[i],
                     platform=platform,
-                    thermo=result["thermo"]["options"] if thermo_targets is not None else None,
+                    thermo=result["thermo"]["options"] if thermo_targets else None,
                 )
             )
         entry = runs[0] if seeds == 1 else aggregate_seeds(runs)

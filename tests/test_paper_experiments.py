@@ -269,12 +269,15 @@ def test_thermo_targets_reach_every_runner(paper, monkeypatch, tmp_path):
             assert run.options["pressure_correction"] is False
         else:
             assert "pressure_weight" not in run.options["estimator_options"]
-    assert paper.thermo_options({"a": weights, "b": {"pressure_weight": 0.033, "energy_weight": 0.47}}) == (
-        pytest.approx({"pressure_weight": 0.025, "energy_weight": 0.5})
+    statistics = dict(g_variance=0.02, n_bins=100, pressure_variance=0.5, energy_variance=0.01)
+    assert paper.thermo_weights(statistics) == pytest.approx({"pressure_weight": 4e-4, "energy_weight": 0.02})
+    double = dict(statistics, pressure_variance=0.25, energy_variance=0.005)
+    assert paper.thermo_options({"a": statistics, "b": double}) == (
+        pytest.approx({"pressure_weight": 6e-4, "energy_weight": 0.03})
     )
 
 
-def test_thermodynamic_targets_are_the_truths_and_weigh_noise_like_an_rdf_row(paper):
+def test_thermodynamic_targets_are_the_truths_and_weigh_noise_like_an_rdf_bin(paper):
     """Pressure and energy of the frames against the package's own observables; weights from block variances."""
     import torch
 
@@ -305,10 +308,26 @@ def test_thermodynamic_targets_are_the_truths_and_weigh_noise_like_an_rdf_row(pa
         ]
     )
     p_blocks = pressure.reshape(10, 4).mean(1)
-    assert out["pressure_weight"] == pytest.approx(
+    u_blocks = np.reshape(energy, (10, 4)).mean(1)
+    assert out["g_variance"] == pytest.approx(g.var(axis=0, ddof=1).mean(), rel=1e-9)
+    assert out["pressure_variance"] == pytest.approx(p_blocks.var(ddof=1), rel=1e-9)
+    assert out["energy_variance"] == pytest.approx(u_blocks.var(ddof=1), rel=1e-9)
+    assert out["pressure_error"] == pytest.approx(p_blocks.std(ddof=1) / np.sqrt(10), rel=1e-9)
+    assert out["n_bins"] == g.shape[-1] == paper.RDF_GRID["n_bins"] and out["energy"] < 0
+    # Each number weighs like one RDF bin against its noise.
+    weights = paper.thermo_weights(out)
+    assert weights["pressure_weight"] == pytest.approx(
         g.var(axis=0, ddof=1).mean() / (g.shape[-1] * p_blocks.var(ddof=1)), rel=1e-9
     )
-    assert out["pressure_error"] == pytest.approx(p_blocks.std(ddof=1) / np.sqrt(10), rel=1e-9)
-    assert 0 < out["energy_weight"] < np.inf and out["energy"] < 0
+    assert weights["energy_weight"] == pytest.approx(
+        g.var(axis=0, ddof=1).mean() / (g.shape[-1] * u_blocks.var(ddof=1)), rel=1e-9
+    )
+    # Bad input: too few frames, or frames that do not sample the state (one configuration repeated).
     with pytest.raises(ValueError, match="at least 10 target frames"):
         paper.thermodynamic_targets(state, truth, sampler.run(5, 10))
+    frozen = sampler.run(10, 10)
+    frozen.positions[:] = frozen.positions[0]
+    with pytest.raises(
+        ValueError, match="state 'liquid': the (pressure|energy) variance over 10 blocks .* do not sample the state"
+    ):
+        paper.thermodynamic_targets(state, truth, frozen)

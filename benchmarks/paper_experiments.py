@@ -1022,7 +1022,8 @@ def _seed_label(methods: Dict[str, Any]) -> str:
         return ""
     if len(counts) == 1:
         return f"\nmean of {counts.pop()} seeds (band: lowest to highest)"
-    return "\nseed means where run with several seeds (band: lowest to highest)"
+    # Two short lines: one line of this length overran the 5.5-inch figure.
+    return "\nseed means where run with several seeds\n(band: lowest to highest seed)"
 
 
 def _bands(methods, cost, error: str) -> Dict[str, tuple]:

@@ -521,23 +521,14 @@ def test_imc_check_last_reaches_the_trainer(tmp_path):
     assert parse_config(data, tmp_path).trainer["imc_check_last"] is False
 
 
-def test_imc_noise_shrink_reaches_the_trainer(tmp_path):
+@pytest.mark.parametrize("name, bad", [("imc_noise_shrink", "yes"), ("imc_line_search", 1)])
+def test_imc_switches_reach_the_trainer(tmp_path, name, bad):
     data = copy.deepcopy(_base())
-    assert "imc_noise_shrink" not in parse_config(data, tmp_path).trainer  # the Trainer's default (false) applies
-    data["training"]["imc_noise_shrink"] = True
-    assert parse_config(data, tmp_path).trainer["imc_noise_shrink"] is True
-    data["training"]["imc_noise_shrink"] = "yes"
-    with pytest.raises(ConfigError, match="imc_noise_shrink"):
-        parse_config(data, tmp_path)
-
-
-def test_imc_line_search_reaches_the_trainer(tmp_path):
-    data = copy.deepcopy(_base())
-    assert "imc_line_search" not in parse_config(data, tmp_path).trainer  # the Trainer's default (false) applies
-    data["training"]["imc_line_search"] = True
-    assert parse_config(data, tmp_path).trainer["imc_line_search"] is True
-    data["training"]["imc_line_search"] = 1
-    with pytest.raises(ConfigError, match="imc_line_search"):
+    assert name not in parse_config(data, tmp_path).trainer  # the Trainer's default (false) applies
+    data["training"][name] = True
+    assert parse_config(data, tmp_path).trainer[name] is True
+    data["training"][name] = bad
+    with pytest.raises(ConfigError, match=name):
         parse_config(data, tmp_path)
 
 

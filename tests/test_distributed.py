@@ -62,12 +62,19 @@ def make_trainer(scenario, output_dir):
         # Rollout on fresh snapshots, reweighting on reused ones: both estimators and both seed streams.
         "hybrid": ("hybrid", 2, {}),
         "gauss-newton": ("reweighting", 2, {"optimizer": "gauss-newton", "n_snapshots": 10}),
-        # IMC steps with the noise shrinkage and the line search: sums over ranks of JᵀJ, Jᵀρ,
-        # the noise covariance and the line search's quartic.
+        # IMC steps with the noise shrinkage, the line search and the undo rule (a factor near 1,
+        # so that it judges against the loss noise): sums over ranks of JᵀJ, Jᵀρ, the noise
+        # covariance, the line search's quartic and the loss noise, and the final check.
         "imc-line": (
             "reweighting",
             2,
-            {"optimizer": "imc", "n_snapshots": 10, "imc_noise_shrink": True, "imc_line_search": True},
+            {
+                "optimizer": "imc",
+                "n_snapshots": 10,
+                "imc_noise_shrink": True,
+                "imc_line_search": True,
+                "imc_reject_factor": 1.01,
+            },
         ),
         # One state, two processes: rank 1 holds nothing and only joins the collectives.
         "idle": ("reweighting", 1, {}),
@@ -249,6 +256,8 @@ def _flat(value):
         return [x for k in sorted(value) for x in _flat(value[k])]
     if isinstance(value, (bool, int, float)):
         return [float(value)]
+    if value is None:  # e.g. no noise estimate or model ratio yet: must be None in both
+        return [float("nan")]
     return [float(v) for v in value]
 
 
@@ -273,6 +282,7 @@ def test_two_processes_equal_one_process(runs, scenario):
     if scenario == "imc-line":
         assert all(0.25 <= h["imc"]["line_scale"] <= 1.0 for h in one["history"] if h["imc"]["max_change_kT"] > 0)
         assert any("line_scale" in h["imc"] for h in one["history"])
+        assert all(h["imc"]["loss_noise"] > 0 for h in one["history"][1:])
 
 
 def test_a_failure_on_one_rank_rolls_every_rank_back_as_one_process_does(runs):

@@ -78,6 +78,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import io
 import json
 import sys
 import time
@@ -94,7 +95,7 @@ from openmm_diffsim.potentials import LennardJones, ModifiedMorse, PairTable
 from openmm_diffsim.sampling import reference_rdfs
 from openmm_diffsim.systems import MOLAR_GAS_CONSTANT, StatePoint
 from openmm_diffsim.targets import Target
-from openmm_diffsim.training import Trainer
+from openmm_diffsim.training import Trainer, _atomic_write_bytes
 
 CUTOFF = 2.5  # sigma
 RDF_GRID = dict(r_range=(0.0, CUTOFF), n_bins=100, smearing=0.02)
@@ -443,6 +444,19 @@ def pair_keys(state: StatePoint) -> List[tuple]:
     return [(s[a], s[b]) for a in range(len(s)) for b in range(a, len(s))]
 
 
+#: What the target cache keeps per training state for ``--thermo`` (:func:`thermodynamic_targets`).
+THERMO_KEYS = (
+    "pressure",
+    "energy",
+    "pressure_error",
+    "energy_error",
+    "g_variance",
+    "pressure_variance",
+    "energy_variance",
+    "n_bins",
+)
+
+
 def attach_targets(
     case_name: str, case, scale: str, cache: Path, platform: Optional[str], thermo: bool = False
 ) -> tuple:
@@ -473,7 +487,7 @@ def attach_targets(
             if want_thermo:
                 stored.update(thermodynamic_targets(state, truth, frames))
             cache.mkdir(parents=True, exist_ok=True)
-            np.savez(file, **stored)
+            save_targets(file, stored)
         if want_thermo and not all(key in stored for key in THERMO_KEYS):
             # Targets cached before --thermo (or before these statistics): an independent run of the truth.
             start = time.perf_counter()
@@ -482,7 +496,7 @@ def attach_targets(
             )
             spent[f"{state.name} (thermo)"] = time.perf_counter() - start
             stored.update(thermodynamic_targets(state, truth, frames))
-            np.savez(file, **stored)
+            save_targets(file, stored)
         if want_thermo:
             statistics[state.name] = {key: float(stored[key]) for key in THERMO_KEYS}
             state.pressure, state.energy = statistics[state.name]["pressure"], statistics[state.name]["energy"]
@@ -491,17 +505,11 @@ def attach_targets(
     return spent, statistics
 
 
-#: What the target cache keeps per training state for ``--thermo`` (:func:`thermodynamic_targets`).
-THERMO_KEYS = (
-    "pressure",
-    "energy",
-    "pressure_error",
-    "energy_error",
-    "g_variance",
-    "pressure_variance",
-    "energy_variance",
-    "n_bins",
-)
+def save_targets(file: Path, arrays: Dict[str, Any]) -> None:
+    """Write a target cache file atomically: an interrupted rewrite leaves the earlier targets intact."""
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)
+    _atomic_write_bytes(file, buffer.getvalue())
 
 
 def thermo_options(statistics: Dict[str, Dict[str, float]]) -> Dict[str, float]:
@@ -1155,9 +1163,10 @@ def main(argv=None) -> int:
             results[name]["methods"] = {**kept, **results[name]["methods"]}
             results[name]["goal"] = case_goal(results[name]["methods"])
         results[name]["settings"] = settings
-        results_file.write_text(json.dumps(results, indent=1))
+        # Atomically: the file holds the cases and methods of earlier invocations too.
+        _atomic_write_bytes(results_file, json.dumps(results, indent=1).encode())
         plot_case(name, results[name], output)
-        (output / "results.md").write_text(markdown_table(results, settings))
+        _atomic_write_bytes(output / "results.md", markdown_table(results, settings).encode())
         goal = results[name]["goal"]
         if goal:
             print(f"time-to-accuracy goal for {name}: met by {goal['goal_met_by'] or 'no method'}")

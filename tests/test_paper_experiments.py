@@ -331,3 +331,34 @@ def test_thermodynamic_targets_are_the_truths_and_weigh_noise_like_an_rdf_bin(pa
         ValueError, match="state 'liquid': the (pressure|energy) variance over 10 blocks .* do not sample the state"
     ):
         paper.thermodynamic_targets(state, truth, frozen)
+
+
+def test_target_cache_gains_thermodynamic_targets_without_losing_its_rdfs(paper, tmp_path):
+    """RDF-only targets, then --thermo on the same cache: one extra run of the truth, then none."""
+    from openmm_diffsim.systems import StatePoint
+
+    def case():
+        state = StatePoint("liquid", ["A"], [64], [1.0], temperature=paper.kelvin(1.2), density=0.5)
+        return {"truth": paper.lj_table, "train": [state], "test": [], "family": "lj"}
+
+    plain = case()
+    spent, statistics = paper.attach_targets("lj", plain, "quick", tmp_path, None)
+    (file,) = tmp_path.glob("*.npz")
+    assert set(spent) == {"liquid"} and statistics == {}
+    assert set(np.load(file)) == {"r", "g"} and getattr(plain["train"][0], "pressure", None) is None
+    g = np.load(file)["g"]
+
+    thermo = case()
+    spent, statistics = paper.attach_targets("lj", thermo, "quick", tmp_path, None, thermo=True)
+    assert set(spent) == {"liquid (thermo)"}  # the RDFs were read, the statistics simulated
+    stored = np.load(file)
+    np.testing.assert_array_equal(stored["g"], g)
+    assert set(paper.THERMO_KEYS) <= set(stored) and statistics["liquid"]["pressure"] == stored["pressure"]
+    state = thermo["train"][0]
+    assert state.pressure == statistics["liquid"]["pressure"] and state.energy < 0
+    np.testing.assert_array_equal(state.targets[0].g, g[0])
+    assert not list(tmp_path.glob("*.tmp"))  # written atomically, nothing left behind
+
+    again = case()
+    spent, repeated = paper.attach_targets("lj", again, "quick", tmp_path, None, thermo=True)
+    assert spent == {} and repeated == statistics

@@ -15,12 +15,17 @@ import pytest
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "paper_experiments.py"
 
 
-@pytest.fixture(scope="module")
-def paper():
-    spec = importlib.util.spec_from_file_location("paper_experiments", SCRIPT)
+def load_script(name: str):
+    """A script of benchmarks/ as a module (they are not a package)."""
+    spec = importlib.util.spec_from_file_location(name, SCRIPT.parent / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+@pytest.fixture(scope="module")
+def paper():
+    return load_script("paper_experiments")
 
 
 def dilute_lj_state(pe):
@@ -125,13 +130,48 @@ def test_run_case_refuses_a_non_positive_seed_count(paper, tmp_path):
             paper.run_case("lj", case, ["ibi"], "quick", tmp_path, None, seeds=bad)
 
 
+def test_run_case_refuses_a_first_seed_below_the_first(paper, tmp_path):
+    case = paper.all_cases(16)["lj"]
+    for bad in (paper.FIRST_TRAINING_SEED - 1, 0, 12.0, True):
+        with pytest.raises(ValueError, match="first_seed must be an integer"):
+            paper.run_case("lj", case, ["ibi"], "quick", tmp_path, None, seeds=2, first_seed=bad)
+
+
+def test_a_later_first_seed_moves_every_seed_on(paper, tmp_path, monkeypatch):
+    """Training, noise-floor and evaluation seeds and the seed folders of --first-seed 14 are those of
+    the 4th and 5th runs of an invocation from the first seed: independent of seeds 11-13."""
+    evaluated, trained = [], []
+    monkeypatch.setattr(paper, "attach_targets", lambda *args, **kwargs: ({}, {}))
+    monkeypatch.setattr(paper, "spline_table_from_targets", lambda *args, **kwargs: "initial")
+    monkeypatch.setattr(paper, "potential_error", lambda *args: {"rms_kT": 0.1})
+    monkeypatch.setattr(paper, "case_goal", lambda methods: None)
+    monkeypatch.setattr(
+        paper, "evaluate_states", lambda table, states, scale, seed, platform: evaluated.append(seed) or {}
+    )
+
+    def fake_train_and_evaluate(method, initial, truth, train, test, scale, folder, seed_index, initial_rmse, **kw):
+        trained.append((seed_index, folder.name))
+        return {"train_rmse": 0.1, "test_rmse": None, "u_error": {"rms_kT": 0.1}, "md_steps": 0, "wall_time": 0.0}
+
+    monkeypatch.setattr(paper, "train_and_evaluate", fake_train_and_evaluate)
+    monkeypatch.setattr(paper, "aggregate_seeds", lambda runs: runs[0])
+    case = paper.all_cases(16)["lj"]
+    result = paper.run_case("lj", case, ["ibi"], "quick", tmp_path, None, seeds=2, first_seed=14)
+    stride = paper.SEED_STRIDE
+    assert trained == [(3, "seed-4"), (4, "seed-5")]
+    # The noise floor (training, test states) per seed, then the initial guess per seed.
+    noise = [7000 + 3 * stride, 7100 + 3 * stride, 7000 + 4 * stride, 7100 + 4 * stride]
+    assert evaluated == noise + [8000 + 3 * stride, 8000 + 4 * stride]
+    assert result["first_seed"] == 14 and result["n_seeds"] == 2
+    # One run from a later seed still gets its own seed folder (it must not overwrite seed 11's layout).
+    trained.clear()
+    paper.run_case("lj", case, ["ibi"], "quick", tmp_path, None, seeds=1, first_seed=12)
+    assert trained == [(1, "seed-2")]
+
+
 @pytest.fixture(scope="module")
 def regions():
-    path = SCRIPT.parent / "potential_error_regions.py"
-    spec = importlib.util.spec_from_file_location("potential_error_regions", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("potential_error_regions")
 
 
 def test_potential_error_split_into_wall_and_beyond(regions):
@@ -206,10 +246,7 @@ def test_polish_schedule_changes_the_options_after_its_epoch(paper, tmp_path, mo
 
 def test_newton_step_regions_initial_trainer_is_the_first_step_of_a_fit(paper):
     """--initial: a trainer at the experiments' initial guess with the method's settings and the asked frames."""
-    path = SCRIPT.parent / "newton_step_regions.py"
-    spec = importlib.util.spec_from_file_location("newton_step_regions", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_script("newton_step_regions")
     pe = module.pe
     state = dilute_lj_state(pe)
     trainer = module.initial_trainer("imc-shrink-light", [state], frames=37, seed=3)
@@ -362,3 +399,37 @@ def test_target_cache_gains_thermodynamic_targets_without_losing_its_rdfs(paper,
     again = case()
     spent, repeated = paper.attach_targets("lj", again, "quick", tmp_path, None, thermo=True)
     assert spent == {} and repeated == statistics
+
+
+@pytest.fixture(scope="module")
+def screen():
+    return load_script("imc_variant_screen")
+
+
+def test_screen_reads_overrides_as_json_and_merges_estimator_options(screen, paper):
+    overrides = screen.parse_overrides(
+        ["imc_ibi_prior=0.1", "imc_line_search=false", 'estimator_options={"bin_weighting": "relative"}']
+    )
+    assert overrides == {
+        "imc_ibi_prior": 0.1,
+        "imc_line_search": False,
+        "estimator_options": {"bin_weighting": "relative"},
+    }
+    settings = screen.variant_settings("imc-counting", overrides)
+    assert settings["imc_ibi_prior"] == 0.1 and settings["imc_line_search"] is False
+    # Merged into the method's own estimator options (imc-counting weights by counting: replaced by the key).
+    assert settings["estimator_options"] == {"bin_weighting": "relative"}
+    assert paper.METHOD_SETTINGS["imc-counting"]["estimator_options"] == {"bin_weighting": "counting"}
+    assert (
+        screen.variant_settings("rollout", {"estimator_options": {"n_steps": 50}})["estimator_options"]["n_replicas"]
+        == 4
+    )
+
+
+def test_screen_names_bad_overrides(screen):
+    with pytest.raises(ValueError, match="KEY=VALUE"):
+        screen.parse_overrides(["imc_ibi_prior"])
+    with pytest.raises(ValueError, match="JSON object"):
+        screen.parse_overrides(["estimator_options=3"])
+    with pytest.raises(ValueError, match="unknown method"):
+        screen.variant_settings("imc-nonsense", {})

@@ -1,0 +1,124 @@
+"""Screen a variant of one of paper_experiments.py's methods by training alone: its u(r) error, no re-simulation.
+
+Trains the method's settings, with ``--set`` overrides, from the Boltzmann-inversion guess on a case's
+cached targets, once per training seed, and reports the final potential's u(r) error against the
+truth (rms and maximum, centred as in paper_experiments.potential_error), the centred error in the
+first resolved bins (where near coexistence the IMC fits lose to IBI), the undone steps and the MD
+steps. A fit costs a few minutes on two cores; the full comparison (RDF errors along the way, against
+IBI) is paper_experiments.py's. Writes ``<output>/screen.json`` (appended per run).
+
+    python benchmarks/imc_variant_screen.py --case morse-5.5-0.44-rho0.5 --method imc-line \\
+        --set imc_ibi_prior=0.1 --seeds 11 12 13 --targets benchmarks/results/paper/targets
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import sys
+from pathlib import Path
+from typing import Any, Dict, List
+
+import torch  # noqa: F401  (torch before openmm)
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import paper_experiments as paper  # noqa: E402
+
+#: Resolved bins (g_target > 0.1, from the wall outwards) whose centred error is reported.
+WALL_BINS = 4
+
+
+def parse_overrides(items: List[str]) -> Dict[str, Any]:
+    """``KEY=VALUE`` pairs, each VALUE read as JSON (numbers, true/false, objects), else kept as text.
+
+    ``estimator_options`` takes a JSON object that updates the method's own.
+    """
+    overrides: Dict[str, Any] = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--set takes KEY=VALUE, got {item!r}")
+        try:
+            overrides[key] = json.loads(text)
+        except json.JSONDecodeError:
+            overrides[key] = text
+    if "estimator_options" in overrides and not isinstance(overrides["estimator_options"], dict):
+        raise ValueError(
+            '--set estimator_options takes a JSON object, e.g. estimator_options=\'{"bin_weighting": "relative"}\''
+        )
+    return overrides
+
+
+def variant_settings(method: str, overrides: Dict[str, Any]) -> Dict[str, Any]:
+    """The method's METHOD_SETTINGS with ``overrides`` (estimator options merged, not replaced)."""
+    if method not in paper.METHOD_SETTINGS:
+        raise ValueError(f"unknown method {method!r}; methods: {', '.join(paper.METHOD_SETTINGS)}")
+    settings = copy.deepcopy(paper.METHOD_SETTINGS[method])
+    overrides = dict(overrides)
+    estimator = overrides.pop("estimator_options", None)
+    settings.update(overrides)
+    if estimator:
+        settings["estimator_options"] = {**settings.get("estimator_options", {}), **estimator}
+    return settings
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--case", default="morse-5.5-0.44-rho0.5", help="a case of paper_experiments.py")
+    parser.add_argument("--method", default="imc-line", help="the method whose settings are varied")
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="setting overrides (JSON values)")
+    parser.add_argument("--seeds", nargs="+", type=int, default=[paper.FIRST_TRAINING_SEED], help="training seeds")
+    parser.add_argument("--targets", default="benchmarks/results/paper/targets", help="paper_experiments' cache")
+    parser.add_argument("--output", default="benchmarks/results/screen")
+    parser.add_argument("--platform", default=None)
+    args = parser.parse_args(argv)
+    cases = paper.all_cases(paper.SCALES["reduced"]["n"])
+    if args.case not in cases:
+        parser.error(f"unknown case {args.case!r}")
+    try:
+        overrides = parse_overrides(args.set)
+        settings = variant_settings(args.method, overrides)
+    except ValueError as exc:
+        parser.error(str(exc))
+    label = args.method + "".join(f" {k}={json.dumps(v)}" for k, v in overrides.items())
+    # train() reads METHOD_SETTINGS by name: register the variant under its own.
+    paper.METHOD_SETTINGS[label] = settings
+    case = cases[args.case]
+    paper.attach_targets(args.case, case, "reduced", Path(args.targets), args.platform)
+    truth, states = case["truth"](), case["train"]
+    initial = paper.spline_table_from_targets(states, paper.CUTOFF, knot_spacing=paper.KNOT_SPACING)
+    epochs = paper.SCALES["reduced"]["epochs"][args.method]
+    output = Path(args.output)
+    output.mkdir(parents=True, exist_ok=True)
+    for seed in args.seeds:
+        folder = output / args.case / label.replace(" ", "_").replace('"', "") / f"seed-{seed}"
+        run, _ = paper.train(label, copy.deepcopy(initial), states, epochs, folder, seed, args.platform, 2)
+        error = paper.potential_error(run.table, truth, states)
+        _, diff = paper.potential_difference(run.table, truth, states, 0)
+        wall = (diff - diff.mean())[:WALL_BINS]
+        undos = sum(1 for record in run.history if (record.get("imc") or {}).get("undone"))
+        row = dict(
+            case=args.case,
+            variant=label,
+            seed=seed,
+            u_rms_kT=error["rms_kT"],
+            u_max_kT=error["max_kT"],
+            wall_kT=[float(x) for x in wall],
+            undos=undos,
+            md_steps=run.md_steps,
+        )
+        print(
+            f"{label}, seed {seed}: u rms {row['u_rms_kT']:.4f} kT, max {row['u_max_kT']:.3f}, "
+            f"first bins {' '.join(f'{x:+.3f}' for x in wall)}, {undos} undos, {run.md_steps} MD steps",
+            flush=True,
+        )
+        screen = output / "screen.json"
+        rows = json.loads(screen.read_text()) if screen.exists() else []
+        rows.append(row)
+        paper._atomic_write_bytes(screen, json.dumps(rows, indent=1).encode())
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

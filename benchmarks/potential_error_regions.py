@@ -23,7 +23,10 @@ This script measures what that does to each part. ::
 
     python benchmarks/potential_error_regions.py benchmarks/results/paper morse-5.5-0.44-rho0.5 ibi imc-grow
 
-Prints one row per run and writes ``<output>/<case>_u_error_regions.json``.
+Prints one row per run and writes ``<output>/<case>_u_error_regions.json``;
+``--plot FILE`` also draws each run's centred error against r (one colour per
+method, one line per seed, the initial guess dashed), where a table of rms
+values hides which bins carry the error.
 """
 
 from __future__ import annotations
@@ -84,6 +87,32 @@ def error_by_region(table, truth, train_states) -> Dict[str, float]:
     return out
 
 
+def centred_profile(table, truth, train_states) -> tuple:
+    """(r, diff): the resolved bins (nm) and (u - u_true)/kT on them, offset removed, first pair type."""
+    r = np.asarray(train_states[0].targets[0].r)
+    region, diff = pe.potential_difference(table, truth, train_states, 0)
+    return r[region], diff - diff.mean()
+
+
+def plot_profiles(path: Path, profiles: Dict[str, List[tuple]], title: str) -> Path:
+    """Centred u(r) error against r: one colour per method, one line per run; ``"initial"`` dashed."""
+    from openmm_diffsim.plotting import _pyplot, _save
+
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4))
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for k, (method, runs) in enumerate(profiles.items()):
+        style = dict(color="0.4", linestyle="--") if method == "initial" else dict(color=colours[k % len(colours)])
+        for n, (r, diff) in enumerate(runs):
+            ax.plot(r, diff, lw=1.2, alpha=0.85, label=method if n == 0 else None, **style)
+    ax.axhline(0.0, color="black", lw=0.6)
+    ax.set_xlabel("r (nm)")
+    ax.set_ylabel("(u - u_true)/kT, offset removed")
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
 def runs_of(output: Path, case: str, method: str) -> List[Path]:
     folder = output / case / method
     seeds = sorted(folder.glob("seed-*"))
@@ -95,6 +124,7 @@ def main(argv=None) -> int:
     parser.add_argument("output", help="the paper_experiments.py output folder")
     parser.add_argument("case")
     parser.add_argument("methods", nargs="+")
+    parser.add_argument("--plot", default=None, metavar="FILE", help="also plot each run's centred error against r")
     args = parser.parse_args(argv)
     output = Path(args.output)
     cases = pe.all_cases(pe.SCALES["reduced"]["n"])
@@ -110,13 +140,15 @@ def main(argv=None) -> int:
     print(f"{args.case}: wall bins r = {np.round(r[masks['wall']], 3).tolist()}, beyond: {masks['beyond'].sum()} bins")
     initial = pe.spline_table_from_targets(train_states, pe.CUTOFF, knot_spacing=pe.KNOT_SPACING)
     results = {"initial": [error_by_region(initial, truth, train_states)]}
+    profiles = {"initial": [centred_profile(initial, truth, train_states)]}
     for method in args.methods:
-        results[method] = []
+        results[method], profiles[method] = [], []
         for path in runs_of(output, args.case, method):
             if not path.exists():
                 parser.error(f"no checkpoint at {path}")
             table = torch.load(path, weights_only=False)["table"]
             results[method].append(error_by_region(table, truth, train_states))
+            profiles[method].append(centred_profile(table, truth, train_states))
     print(
         f"{'run':24s} {'resolved':>9s} {'wall':>7s} {'beyond':>7s} {'worst wall':>10s}"
         f" {'offset':>7s} {'uncentred':>9s}  (kT)"
@@ -139,6 +171,9 @@ def main(argv=None) -> int:
     out = output / f"{args.case}_u_error_regions.json"
     out.write_text(json.dumps(results, indent=1))
     print(f"written {out}")
+    if args.plot:
+        title = f"{args.case}: where the u(r) error lies (final potentials)"
+        print(f"written {plot_profiles(Path(args.plot), profiles, title)}")
     return 0
 
 

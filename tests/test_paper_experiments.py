@@ -200,6 +200,11 @@ def test_potential_error_split_into_wall_and_beyond(regions):
     n_wall, n_beyond = masks["wall"].sum(), masks["beyond"].sum()
     recombined = np.sqrt((n_wall * split["wall"] ** 2 + n_beyond * split["beyond"] ** 2) / (n_wall + n_beyond))
     assert recombined == pytest.approx(split["resolved"], rel=1e-12)
+    # The plotted profile is the same centred error, bin by bin.
+    r_resolved, profile = regions.centred_profile(other, truth, [state])
+    np.testing.assert_array_equal(r_resolved, r[masks["resolved"]])
+    assert np.sqrt(np.mean(profile**2)) == pytest.approx(split["resolved"], rel=1e-9)
+    assert abs(profile.mean()) < 1e-12
     assert split["wall"] > split["beyond"] > 0  # a changed σ moves the steep wall most
     # The removed offset is the mean difference, and the uncentred rms recombines it with the centred one.
     diff = (other.evaluate(r[masks["resolved"]], 0)[0] - truth.evaluate(r[masks["resolved"]], 0)[0]) / kT
@@ -209,6 +214,13 @@ def test_potential_error_split_into_wall_and_beyond(regions):
     assert whole["uncentred_rms_kT"] == pytest.approx(split["uncentred"], rel=1e-12)
     assert whole["offset_kT"] == pytest.approx(split["offset"], rel=1e-12)
     assert split["worst_wall_kT"] >= split["wall"]
+
+
+def test_potential_error_profiles_are_plotted(regions, tmp_path):
+    r = np.linspace(0.8, 2.4, 20)
+    profiles = {"initial": [(r, 0.1 * np.sin(r))], "ibi": [(r, 0.02 * r), (r, -0.02 * r)]}
+    path = regions.plot_profiles(tmp_path / "sub" / "profile.png", profiles, "a title")
+    assert path.exists() and path.stat().st_size > 1000
 
 
 def test_polish_schedule_changes_the_options_after_its_epoch(paper, tmp_path, monkeypatch):

@@ -2,10 +2,12 @@
 
 Trains the method's settings, with ``--set`` overrides, from the Boltzmann-inversion guess on a case's
 cached targets, once per training seed, and reports the final potential's u(r) error against the
-truth (rms and maximum, centred as in paper_experiments.potential_error), the centred error in the
-first resolved bins (where near coexistence the IMC fits lose to IBI), the undone steps and the MD
-steps. A fit costs a few minutes on two cores; the full comparison (RDF errors along the way, against
-IBI) is paper_experiments.py's. Writes ``<output>/screen.json`` (appended per run).
+truth (rms and maximum, centred as in paper_experiments.potential_error), its split into the wall
+and the bins beyond (potential_error_regions.error_by_region) with the signed error of the first
+resolved bin (where near coexistence the IMC fits lose to IBI), the undone steps and the MD steps.
+One-species cases only, as potential_error_regions.py. A fit costs a few minutes on two cores; the
+full comparison (RDF errors along the way, against IBI) is paper_experiments.py's. Writes
+``<output>/screen.json`` (appended per run).
 
     python benchmarks/imc_variant_screen.py --case morse-5.5-0.44-rho0.5 --method imc-line \\
         --set imc_ibi_prior=0.1 --seeds 11 12 13 --targets benchmarks/results/paper/targets
@@ -24,9 +26,7 @@ import torch  # noqa: F401  (torch before openmm)
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import paper_experiments as paper  # noqa: E402
-
-#: Resolved bins (g_target > 0.1, from the wall outwards) whose centred error is reported.
-WALL_BINS = 4
+import potential_error_regions as regions  # noqa: E402
 
 
 def parse_overrides(items: List[str]) -> Dict[str, Any]:
@@ -63,6 +63,19 @@ def variant_settings(method: str, overrides: Dict[str, Any]) -> Dict[str, Any]:
     return settings
 
 
+def read_rows(screen: Path) -> List[Dict[str, Any]]:
+    """The rows already in ``screen`` (none if it does not exist); ValueError if it is not a screen file."""
+    if not screen.exists():
+        return []
+    try:
+        rows = json.loads(screen.read_text())
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{screen} is not a screen file ({exc}); move it away or pick another --output") from exc
+    if not isinstance(rows, list):
+        raise ValueError(f"{screen} is not a screen file (no list of rows); move it away or pick another --output")
+    return rows
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--case", default="morse-5.5-0.44-rho0.5", help="a case of paper_experiments.py")
@@ -76,27 +89,34 @@ def main(argv=None) -> int:
     cases = paper.all_cases(paper.SCALES["reduced"]["n"])
     if args.case not in cases:
         parser.error(f"unknown case {args.case!r}")
+    if len(cases[args.case]["truth"]().pair_keys()) != 1:
+        parser.error(f"one pair type only (the wall split is per pair type), got {args.case!r}")
     try:
         overrides = parse_overrides(args.set)
         settings = variant_settings(args.method, overrides)
     except ValueError as exc:
         parser.error(str(exc))
+    output = Path(args.output)
+    screen = output / "screen.json"
+    try:
+        rows = read_rows(screen)  # before the targets and fits: a bad file would lose their minutes
+    except ValueError as exc:
+        parser.error(str(exc))
     label = args.method + "".join(f" {k}={json.dumps(v)}" for k, v in overrides.items())
-    # train() reads METHOD_SETTINGS by name: register the variant under its own.
-    paper.METHOD_SETTINGS[label] = settings
     case = cases[args.case]
     paper.attach_targets(args.case, case, "reduced", Path(args.targets), args.platform)
     truth, states = case["truth"](), case["train"]
     initial = paper.spline_table_from_targets(states, paper.CUTOFF, knot_spacing=paper.KNOT_SPACING)
     epochs = paper.SCALES["reduced"]["epochs"][args.method]
-    output = Path(args.output)
     output.mkdir(parents=True, exist_ok=True)
     for seed in args.seeds:
         folder = output / args.case / label.replace(" ", "_").replace('"', "") / f"seed-{seed}"
-        run, _ = paper.train(label, copy.deepcopy(initial), states, epochs, folder, seed, args.platform, 2)
+        run, _ = paper.train(
+            args.method, copy.deepcopy(initial), states, epochs, folder, seed, args.platform, 2, settings=settings
+        )
         error = paper.potential_error(run.table, truth, states)
-        _, diff = paper.potential_difference(run.table, truth, states, 0)
-        wall = (diff - diff.mean())[:WALL_BINS]
+        split = regions.error_by_region(run.table, truth, states)
+        first_bin = float(regions.centred_profile(run.table, truth, states)[1][0])
         undos = sum(1 for record in run.history if (record.get("imc") or {}).get("undone"))
         row = dict(
             case=args.case,
@@ -104,17 +124,18 @@ def main(argv=None) -> int:
             seed=seed,
             u_rms_kT=error["rms_kT"],
             u_max_kT=error["max_kT"],
-            wall_kT=[float(x) for x in wall],
+            wall_rms_kT=split["wall"],
+            beyond_rms_kT=split["beyond"],
+            first_bin_kT=first_bin,
             undos=undos,
             md_steps=run.md_steps,
         )
         print(
             f"{label}, seed {seed}: u rms {row['u_rms_kT']:.4f} kT, max {row['u_max_kT']:.3f}, "
-            f"first bins {' '.join(f'{x:+.3f}' for x in wall)}, {undos} undos, {run.md_steps} MD steps",
+            f"wall {split['wall']:.3f} / beyond {split['beyond']:.3f} kT rms, first bin {first_bin:+.3f} kT, "
+            f"{undos} undos, {run.md_steps} MD steps",
             flush=True,
         )
-        screen = output / "screen.json"
-        rows = json.loads(screen.read_text()) if screen.exists() else []
         rows.append(row)
         paper._atomic_write_bytes(screen, json.dumps(rows, indent=1).encode())
     return 0

@@ -618,14 +618,19 @@ def train(
     platform,
     points: int,
     thermo: Optional[Dict[str, float]] = None,
+    settings: Optional[Dict[str, Any]] = None,
 ):
     """Train with one method; returns (runner, saved potentials along the way).
+
+    ``settings`` replaces the method's METHOD_SETTINGS (a variant of it, as
+    imc_variant_screen.py runs); the method's name still picks IBI or the
+    Trainer, its estimator and any POLISH schedule.
 
     ``thermo`` (``pressure_weight``, ``energy_weight``; the states carry the
     targets) fits the pressure and energy too: IBI by its pressure ramp, the
     other methods by those loss terms.
     """
-    settings = copy.deepcopy(METHOD_SETTINGS[method])
+    settings = copy.deepcopy(METHOD_SETTINGS[method] if settings is None else settings)
     sampler_options = dict(SAMPLER)
     if platform:
         sampler_options["platform"] = platform

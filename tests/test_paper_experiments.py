@@ -289,6 +289,19 @@ def built_runner(paper, monkeypatch, method, state, folder, **options):
     return built.value.args[0]
 
 
+def test_a_variant_of_a_methods_settings_keeps_the_methods_runner(paper, screen, monkeypatch, tmp_path):
+    """train(settings=...): what imc_variant_screen.py passes; the method's name still picks IBI or the Trainer."""
+    state = dilute_lj_state(paper)
+    ibi = built_runner(
+        paper, monkeypatch, "ibi", state, tmp_path / "ibi", settings=screen.variant_settings("ibi", {"mixing": 0.3})
+    )
+    assert isinstance(ibi, paper.IBI) and ibi.options["mixing"] == 0.3
+    variant = screen.variant_settings("gauss-newton", {"n_snapshots": 7})
+    newton = built_runner(paper, monkeypatch, "gauss-newton", state, tmp_path / "gn", settings=variant)
+    assert isinstance(newton, paper.Trainer) and newton.options["optimizer"] == "gauss-newton"
+    assert newton.options["n_snapshots"] == 7 and paper.METHOD_SETTINGS["gauss-newton"]["n_snapshots"] == 50
+
+
 def test_every_method_settings_are_accepted_by_its_runner(paper, monkeypatch, tmp_path):
     """Each method's settings, as ``train`` passes them, construct a real Trainer or IBI (no option left stale)."""
     state = dilute_lj_state(paper)
@@ -445,3 +458,22 @@ def test_screen_names_bad_overrides(screen):
         screen.parse_overrides(["estimator_options=3"])
     with pytest.raises(ValueError, match="unknown method"):
         screen.variant_settings("imc-nonsense", {})
+
+
+def test_screen_refuses_a_file_that_is_not_its_own(screen, tmp_path):
+    assert screen.read_rows(tmp_path / "none.json") == []
+    bad = tmp_path / "screen.json"
+    bad.write_text("{not json")
+    with pytest.raises(ValueError, match="not a screen file"):
+        screen.read_rows(bad)
+    bad.write_text('{"a": 1}')
+    with pytest.raises(ValueError, match="no list of rows"):
+        screen.read_rows(bad)
+    # The command line stops before any target or fit (nothing simulated into --targets), as it
+    # does for a mixture case.
+    targets = tmp_path / "targets"
+    with pytest.raises(SystemExit):
+        screen.main(["--case", "lj", "--output", str(tmp_path), "--targets", str(targets)])
+    with pytest.raises(SystemExit):
+        screen.main(["--case", "binary-x0.5", "--output", str(tmp_path / "other"), "--targets", str(targets)])
+    assert not targets.exists() and not (tmp_path / "other").exists()

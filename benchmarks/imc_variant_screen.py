@@ -85,6 +85,7 @@ def main(argv=None) -> int:
     parser.add_argument("--targets", default="benchmarks/results/paper/targets", help="paper_experiments' cache")
     parser.add_argument("--output", default="benchmarks/results/screen")
     parser.add_argument("--platform", default=None)
+    parser.add_argument("--guess", choices=paper.GUESSES, default="deconvolved", help="the start (paper_experiments)")
     args = parser.parse_args(argv)
     cases = paper.all_cases(paper.SCALES["reduced"]["n"])
     if args.case not in cases:
@@ -103,10 +104,12 @@ def main(argv=None) -> int:
     except ValueError as exc:
         parser.error(str(exc))
     label = args.method + "".join(f" {k}={json.dumps(v)}" for k, v in overrides.items())
+    if args.guess != "deconvolved":
+        label += f" ({args.guess} guess)"
     case = cases[args.case]
     paper.attach_targets(args.case, case, "reduced", Path(args.targets), args.platform)
     truth, states = case["truth"](), case["train"]
-    initial = paper.spline_table_from_targets(states, paper.CUTOFF, knot_spacing=paper.KNOT_SPACING)
+    initial = paper.initial_table(states, args.guess)
     epochs = paper.SCALES["reduced"]["epochs"][args.method]
     output.mkdir(parents=True, exist_ok=True)
     for seed in args.seeds:

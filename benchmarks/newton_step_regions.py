@@ -120,7 +120,7 @@ def initial_trainer(method: str, states, frames: int, seed: int) -> Trainer:
     estimator_options = dict(pe.RDF_GRID)
     estimator_options.update(settings.pop("estimator_options", {}))
     settings["n_snapshots"] = frames
-    table = pe.spline_table_from_targets(states, pe.CUTOFF, knot_spacing=pe.KNOT_SPACING)
+    table = pe.initial_table(states)
     return Trainer(
         table,
         states,

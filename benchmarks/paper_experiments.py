@@ -42,7 +42,8 @@ starts those runs at training seed S (default 11), to add independent seeds to a
 earlier invocation in another output folder. Every method starts from the same
 potential: cubic splines (knots every 0.05σ from where the target first
 exceeds g = 0.01 to the cutoff) set to the Boltzmann inversion of the training
-targets, samples with the same OpenMM sampler (tabulated backend, Langevin,
+targets through the estimator's kernel (``--guess deconvolved``, the default;
+``--guess plain`` for -kT ln g itself, the start of the runs before it), samples with the same OpenMM sampler (tabulated backend, Langevin,
 dt = 0.005τ, friction 1/τ) and computes g(r) with the same estimator (100 bins
 on 0-2.5σ, Gaussian smearing 0.02σ).
 
@@ -599,6 +600,25 @@ def mean_of(errors: Dict[str, Dict[str, float]], key: str) -> Optional[float]:
     return float(np.mean(values)) if values else None
 
 
+#: Boltzmann-inversion guesses every method starts from: through the estimator's kernel (the default since
+#: the Boltzmann guess learned it), or plain -kT ln g of the smeared targets (every run before it; 0.85 kT too
+#: soft at the Morse wall, docs/experiments.md "Inverting through the estimator's kernel").
+GUESSES = ("deconvolved", "plain")
+
+
+def initial_table(states, guess: str = "deconvolved") -> PairTable:
+    """The spline table every method starts from: Boltzmann inversion of the states' targets (``guess``)."""
+    if guess not in GUESSES:
+        raise ValueError(f"guess must be one of {GUESSES}, got {guess!r}")
+    smearing = RDF_GRID["smearing"] if guess == "deconvolved" else None
+    return spline_table_from_targets(states, CUTOFF, knot_spacing=KNOT_SPACING, smearing=smearing)
+
+
+def results_guess(case_result: Dict[str, Any]) -> str:
+    """The guess a case's results started from (results without the key predate the choice: plain)."""
+    return case_result.get("initial_guess", "plain")
+
+
 # -- training -------------------------------------------------------------------------------------------------------
 
 
@@ -721,13 +741,16 @@ def run_case(
     seeds: int = 1,
     thermo: bool = False,
     first_seed: int = FIRST_TRAINING_SEED,
+    guess: str = "deconvolved",
 ) -> Dict[str, Any]:
     """Every method on one case; with ``seeds`` > 1 each method is trained and evaluated ``seeds`` times
     (training seeds ``first_seed``, ``first_seed + 1``, ..., evaluation seeds offset by SEED_STRIDE) and
     the entry holds the means, the per-seed entries under ``"seeds"``. A ``first_seed`` above
     FIRST_TRAINING_SEED continues an earlier invocation's seeds with independent ones (training,
     noise-floor and evaluation seeds all move on). ``thermo``: fit the truth's pressure and energy too
-    (:func:`attach_targets`, :func:`train`)."""
+    (:func:`attach_targets`, :func:`train`). ``guess``: the start of every method (:func:`initial_table`)."""
+    if guess not in GUESSES:
+        raise ValueError(f"guess must be one of {GUESSES}, got {guess!r}")
     if isinstance(seeds, bool) or not isinstance(seeds, int) or seeds < 1:
         raise ValueError(f"seeds must be a positive integer, got {seeds!r}")
     if isinstance(first_seed, bool) or not isinstance(first_seed, int) or first_seed < FIRST_TRAINING_SEED:
@@ -740,7 +763,7 @@ def run_case(
     target_seconds, thermo_targets = attach_targets(name, case, scale, output / "targets", platform, thermo=thermo)
     truth = case["truth"]()
     train_states, test_states = case["train"], case["test"]
-    initial = spline_table_from_targets(train_states, CUTOFF, knot_spacing=KNOT_SPACING)
+    initial = initial_table(train_states, guess)
     result: Dict[str, Any] = {
         "train_states": [s.name for s in train_states],
         "test_states": [s.name for s in test_states],
@@ -748,6 +771,7 @@ def run_case(
         "target_seconds": target_seconds,
         "n_seeds": seeds,
         "first_seed": first_seed,
+        "initial_guess": guess,
         "methods": {},
     }
     if thermo_targets:
@@ -1145,6 +1169,13 @@ def main(argv=None) -> int:
         "independent seeds to an earlier invocation's (use another --output: the results of a case are replaced)",
     )
     parser.add_argument(
+        "--guess",
+        choices=GUESSES,
+        default="deconvolved",
+        help="the Boltzmann-inversion start of every method: through the estimator's kernel (default) or plain "
+        "-kT ln g of the smeared targets (the runs before the kernel was inverted; use another --output)",
+    )
+    parser.add_argument(
         "--thermo",
         action="store_true",
         help="fit the truth's pressure and pair energy at the training states too (IBI: its pressure ramp); "
@@ -1174,6 +1205,13 @@ def main(argv=None) -> int:
     output.mkdir(parents=True, exist_ok=True)
     results_file = output / "results.json"
     results = json.loads(results_file.read_text()) if results_file.exists() else {}
+    for name in names:
+        # Methods not rerun keep their earlier results: only if they started where the new ones will.
+        if name in results and results_guess(results[name]) != args.guess:
+            parser.error(
+                f"{results_file} holds {name} from the {results_guess(results[name])} guess, not --guess "
+                f"{args.guess}: use another --output"
+            )
     settings = {
         "scale": scale,
         **{k: v for k, v in SCALES[scale].items()},
@@ -1184,6 +1222,7 @@ def main(argv=None) -> int:
         "knot_spacing": KNOT_SPACING,
         "seeds": args.seeds,
         "first_seed": args.first_seed,
+        "initial_guess": args.guess,
         "thermo": args.thermo,
     }
     for name in names:
@@ -1198,6 +1237,7 @@ def main(argv=None) -> int:
             seeds=args.seeds,
             thermo=args.thermo,
             first_seed=args.first_seed,
+            guess=args.guess,
         )
         # Methods not run this time keep their earlier results (same targets, same protocol).
         kept = {m: e for m, e in previous.items() if m not in args.methods}

@@ -138,7 +138,10 @@ def main(argv=None) -> int:
     masks = region_masks(train_states)
     r = np.asarray(train_states[0].targets[0].r)
     print(f"{args.case}: wall bins r = {np.round(r[masks['wall']], 3).tolist()}, beyond: {masks['beyond'].sum()} bins")
-    initial = pe.spline_table_from_targets(train_states, pe.CUTOFF, knot_spacing=pe.KNOT_SPACING)
+    # The start the runs were trained from, as their results.json records it.
+    results_file = output / "results.json"
+    recorded = json.loads(results_file.read_text()).get(args.case, {}) if results_file.exists() else {}
+    initial = pe.initial_table(train_states, pe.results_guess(recorded) if recorded else "deconvolved")
     results = {"initial": [error_by_region(initial, truth, train_states)]}
     profiles = {"initial": [centred_profile(initial, truth, train_states)]}
     for method in args.methods:

@@ -69,6 +69,8 @@ __all__ = [
     "pressure_ramp",
     "pressure_ramp_amplitude",
     "boltzmann_knot_values",
+    "deconvolved_knot_values",
+    "deconvolved_inversion",
     "spline_table_from_targets",
     "run_from_config",
     "CHECKPOINT_FORMAT",
@@ -272,7 +274,7 @@ def _rest_energy(rest, r: np.ndarray) -> np.ndarray:
         return sum(term.energy_and_derivative(r_t)[0] for term in rest).numpy()
 
 
-def boltzmann_knot_values(r, g, kT: float, knots, g_min: float = 1e-2) -> np.ndarray:
+def boltzmann_knot_values(r, g, kT: float, knots, g_min: float = 1e-2, smearing: Optional[float] = None) -> np.ndarray:
     """Boltzmann inversion u0 = -k_B T ln g(r) on spline knots, with a repulsive core.
 
     Parameters
@@ -288,6 +290,16 @@ def boltzmann_knot_values(r, g, kT: float, knots, g_min: float = 1e-2) -> np.nda
         bin continue the inversion linearly with the slope of its first three
         points, made at least 1 k_B T per bin steep (a repulsive core); knots
         beyond the last hold its value.
+    smearing : float, optional
+        The Gaussian smearing (nm) of the RDF estimator that produced ``g``,
+        on bins centred on ``r`` (uniform): the knot values are then those of
+        the natural spline whose exp(-u/k_B T), put through that estimator's
+        kernel and bins, matches ``g`` on the inverted bins (least squares in
+        ln g, Gauss–Newton from the plain inversion; see
+        :func:`deconvolved_knot_values`). ``-k_B T ln g`` of a smeared RDF is
+        too soft at the wall (with 0.02σ smearing on 0.025σ bins, by 0.7 k_B T
+        where g = 0.1, in the dilute limit); 0 removes the bin averaging alone.
+        None (default): the plain inversion.
 
     Returns
     -------
@@ -307,7 +319,171 @@ def boltzmann_knot_values(r, g, kT: float, knots, g_min: float = 1e-2) -> np.nda
     slope = min(slope, -kT / spacing)
     core = knots < r_valid[0]
     values[core] = u_valid[0] + slope * (knots[core] - r_valid[0])
+    if smearing is not None:
+        values = deconvolved_knot_values(r, g, kT, knots, values, smearing, g_min)
     return values - values[-1]
+
+
+#: deconvolved_knot_values: quadrature points per RDF bin, Gauss–Newton iterations at most,
+#: and the largest change of a knot value (in k_B T) at which the iteration stops.
+_DECONVOLUTION_SUBDIVISION = 8
+_DECONVOLUTION_ITERATIONS = 50
+_DECONVOLUTION_TOLERANCE = 1e-6
+
+
+def deconvolved_knot_values(r, g, kT: float, knots, values, smearing: float, g_min: float = 1e-2) -> np.ndarray:
+    """Knot values of a natural spline u(r) whose RDF estimate, in the dilute limit, is ``g``.
+
+    The RDF estimator (:func:`~openmm_diffsim.observables.compute_rdf`) bins
+    pair distances and, with a smearing width, spreads each over a Gaussian;
+    the expected estimate of a fluid whose pair distribution is exp(-w/k_B T)
+    is that function put through the same kernel and bins
+    (:func:`~openmm_diffsim.observables.smear_target`). Boltzmann inversion of
+    the estimate itself mistakes this blur for structure: on a steep wall it
+    shifts pairs inwards and softens u. This finds the knot values θ that
+    minimise Σ_k (ln S[exp(-u_θ/k_B T)]_k - ln g_k)² over the bins with
+    g > ``g_min`` inside the last knot (Gauss–Newton with step halving), where
+    S is the estimator's kernel on a grid of 8 points per bin. The spline,
+    not the bins, carries the unknowns, so with a knot every two bins the
+    inversion does not amplify the bins' own noise; the result is w(r), the
+    potential of mean force, as plain inversion means it to be.
+
+    Parameters
+    ----------
+    r, g : array_like, shape (M,)
+        Estimated RDF on uniform bins centred on ``r`` (nm, dimensionless).
+    kT : float
+        k_B T in kJ/mol.
+    knots : array_like, shape (K,)
+        Knot positions in nm; below the first the spline continues linearly,
+        beyond the last u is held (g beyond the cutoff does not matter).
+    values : array_like, shape (K,)
+        Starting knot values in kJ/mol (the plain inversion).
+    smearing : float
+        The estimator's Gaussian width in nm (0: bins alone).
+    g_min : float
+        Bins with g ≤ g_min are left out of the fit.
+
+    Returns
+    -------
+    numpy.ndarray, shape (K,)
+        Knot values in kJ/mol (not shifted).
+    """
+    from .observables import smear_target
+
+    r = np.asarray(r, dtype=np.float64)
+    g = np.asarray(g, dtype=np.float64)
+    knots = np.asarray(knots, dtype=np.float64)
+    theta = np.array(values, dtype=np.float64)
+    if not (math.isfinite(float(smearing)) and smearing >= 0):
+        raise ValueError(f"smearing must be a non-negative number of nm, got {smearing}")
+    width = np.diff(r)
+    if r.size < 2 or not np.allclose(width, width[0], rtol=1e-6, atol=0.0) or width[0] <= 0:
+        raise ValueError("deconvolving the estimator's kernel needs the RDF on uniform, increasing bins")
+    width = float(width[0])
+    low, high = r[0] - 0.5 * width, r[-1] + 0.5 * width
+    if low < -1e-9 * width:
+        raise ValueError(f"RDF bins centred on r start below r = 0 (first edge {low:.6g} nm)")
+    low = max(low, 0.0)
+    fit = (g > g_min) & (r <= knots[-1])
+    if fit.sum() < 4:
+        raise ValueError(f"deconvolution needs at least 4 bins with g(r) > {g_min} inside the last knot")
+    # Quadrature grid: from a bin and 8 smearing widths below the first fitted bin's
+    # lower edge (the kernel of that bin sees nothing further in) to the last edge.
+    step = width / _DECONVOLUTION_SUBDIVISION
+    start = max(low, r[fit][0] - 0.5 * width - 8.0 * smearing - width)
+    first = int(np.floor((start - low) / step))
+    fine = low + step * (np.arange(first, int(round((high - low) / step))) + 0.5)
+    # u on the grid is linear in the knot values: A[i, j] = spline of the j-th unit vector at fine[i].
+    inside = torch.as_tensor(np.minimum(fine, knots[-1]))
+    design = np.empty((fine.size, knots.size))
+    for j in range(knots.size):
+        unit = np.zeros(knots.size)
+        unit[j] = 1.0
+        with torch.no_grad():
+            design[:, j] = CubicSpline(knots, unit, trainable=False).energy_and_derivative(inside)[0].numpy()
+    n_bins = r.size
+    kernel = (
+        smear_target(fine, np.eye(fine.size), float(smearing), (low, high), n_bins, beyond="edge").numpy()[:, fit].T
+    )  # (fitted bins, fine points)
+    log_g = np.log(g[fit])
+
+    def residual(theta):
+        boltzmann = np.exp(-np.clip(design @ theta / kT, -50.0, 700.0))
+        estimate = np.maximum(kernel @ boltzmann, 1e-300)
+        return np.log(estimate) - log_g, boltzmann, estimate
+
+    rho, boltzmann, estimate = residual(theta)
+    loss = float(rho @ rho)
+    for _ in range(_DECONVOLUTION_ITERATIONS):
+        jacobian = -(kernel * boltzmann) @ design / (kT * estimate[:, None])
+        normal = jacobian.T @ jacobian
+        # A whisper of ridge keeps knots no fitted bin sees where they are.
+        ridge = 1e-9 * float(np.max(np.diag(normal))) * np.eye(knots.size)
+        delta = np.linalg.solve(normal + ridge, -jacobian.T @ rho)
+        for _halving in range(20):
+            trial = theta + delta
+            rho_t, boltzmann_t, estimate_t = residual(trial)
+            if float(rho_t @ rho_t) <= loss:
+                break
+            delta = 0.5 * delta
+        else:
+            break  # no step lowers the misfit: at its minimum to round-off
+        theta, rho, boltzmann, estimate, loss = trial, rho_t, boltzmann_t, estimate_t, float(rho_t @ rho_t)
+        if np.max(np.abs(delta)) < _DECONVOLUTION_TOLERANCE * kT:
+            break
+    return theta
+
+
+def _g_on_grid(target, r: np.ndarray, outside: str) -> np.ndarray:
+    """The target's g on the bins centred on ``r`` (resampled as the estimators do where its grid differs)."""
+    if np.asarray(target.r).shape == r.shape and np.allclose(target.r, r, rtol=0.0, atol=1e-9):
+        return np.asarray(target.g, dtype=np.float64)
+    return np.asarray(target.resample(r, outside=outside).g, dtype=np.float64)
+
+
+def deconvolved_inversion(r, g, kT: float, smearing: float, cutoff: float, g_min: float = 1e-2) -> tuple:
+    """Boltzmann inversion through the estimator's kernel, as a curve on the resolved bins.
+
+    :func:`boltzmann_knot_values` with ``smearing`` on a spline with a knot
+    every two bins from the first bin with g > ``g_min`` to the last inside
+    ``cutoff``, evaluated on those bins: for initial guesses of potentials
+    that are not splines (the trainer fits its table to this curve).
+
+    Parameters
+    ----------
+    r, g : array_like, shape (M,)
+        Estimated RDF on uniform bins centred on ``r`` (nm, dimensionless).
+    kT : float
+        k_B T in kJ/mol.
+    smearing : float
+        The estimator's Gaussian width in nm.
+    cutoff : float
+        Last distance of the curve in nm.
+    g_min : float
+        Bins with g ≤ g_min are left out.
+
+    Returns
+    -------
+    r_valid, u : numpy.ndarray
+        Bin centres (nm) with g > g_min inside the cutoff, and u there (kJ/mol), 0 at the last.
+    """
+    r = np.asarray(r, dtype=np.float64)
+    g = np.asarray(g, dtype=np.float64)
+    keep = (g > g_min) & (r <= cutoff)
+    if keep.sum() < 4:
+        raise ValueError(f"Boltzmann inversion needs at least 4 bins with g(r) > {g_min} inside the cutoff")
+    r_valid = r[keep]
+    width = float(np.median(np.diff(r)))
+    knots = np.arange(r_valid[0], r_valid[-1] + 0.5 * width, 2.0 * width)
+    if knots[-1] < r_valid[-1] - 1e-9 * width:
+        knots = np.append(knots, r_valid[-1])
+    if knots.size < 4:
+        raise ValueError("the resolved range of the RDF is too short for a spline with a knot every two bins")
+    values = boltzmann_knot_values(r, g, kT, knots, g_min, smearing)
+    with torch.no_grad():
+        u = CubicSpline(knots, values, trainable=False).energy_and_derivative(torch.as_tensor(r_valid))[0].numpy()
+    return r_valid, u - u[-1]
 
 
 def spline_table_from_targets(
@@ -318,6 +494,7 @@ def spline_table_from_targets(
     cutoff_mode: str = "shift",
     species: Optional[Sequence[str]] = None,
     g_min: float = 1e-2,
+    smearing: Optional[float] = None,
 ) -> PairTable:
     """A table of trainable cubic splines initialised by Boltzmann inversion of the targets.
 
@@ -342,6 +519,11 @@ def spline_table_from_targets(
         Species order (default: the union of the states' species, in order).
     g_min : float
         Threshold below which g counts as unresolved.
+    smearing : float, optional
+        The Gaussian smearing (nm) of the estimator that produced the targets
+        (the trainer's ``estimator_options["smearing"]``): invert through its
+        kernel (see :func:`boltzmann_knot_values`), which puts the repulsive
+        wall where the targets' fluid has it. None: plain inversion.
 
     Returns
     -------
@@ -393,7 +575,7 @@ def spline_table_from_targets(
         else:
             weights = [state.weight for state, _ in found]
         values = sum(
-            w * boltzmann_knot_values(t.r, t.g, state.kT, knots, g_min)
+            w * boltzmann_knot_values(t.r, t.g, state.kT, knots, g_min, smearing)
             for w, (state, t) in zip(weights, found, strict=True)
         )
         potentials[(a, b)] = CubicSpline(knots, values / total)
@@ -616,8 +798,11 @@ class IBI:
             weights = np.array([max(s.weight, 0.0) for s, _ in found])
             if weights.sum() <= 0:
                 weights = np.ones(len(found))
+            # Inverted through the estimator's kernel, on its grid (the targets' convention).
+            smearing = self.options["estimator_options"]["smearing"]
+            outside = self.options["estimator_options"]["target_outside"]
             u0 = sum(
-                w * boltzmann_knot_values(t.r, t.g, s.kT, knots, g_min)
+                w * boltzmann_knot_values(self.r, _g_on_grid(t, self.r, outside), s.kT, knots, g_min, smearing)
                 for w, (s, t) in zip(weights, found, strict=True)
             )
             u0 = u0 / weights.sum()

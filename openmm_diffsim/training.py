@@ -1899,11 +1899,21 @@ class Trainer:
             self.output_dir.mkdir(parents=True, exist_ok=True)
 
     def _apply_boltzmann_guess(self) -> None:
+        from .ibi import _g_on_grid, deconvolved_inversion
+
+        estimator = self._grid_estimator()
         for state in self.states:
             for target in state.targets:
-                r, u = boltzmann_inversion(target.r, target.g, state.kT, g_min=0.05)
-                inside = r < self.table.cutoff
-                r, u = r[inside], u[inside] - u[inside][-1]
+                if estimator is None:
+                    r, u = boltzmann_inversion(target.r, target.g, state.kT, g_min=0.05)
+                    inside = r < self.table.cutoff
+                    r, u = r[inside], u[inside] - u[inside][-1]
+                else:
+                    # Through the estimator's kernel, on its bins: -kT ln g of a
+                    # smeared RDF puts the repulsive wall too soft (ibi.boltzmann_knot_values).
+                    g = _g_on_grid(target, estimator.r, estimator.target_outside)
+                    cutoff = np.nextafter(self.table.cutoff, 0.0)
+                    r, u = deconvolved_inversion(estimator.r, g, state.kT, estimator.smearing, cutoff, g_min=0.05)
                 # Continue the inverted wall a few bins into the core along its
                 # own slope: fitted to the resolved bins alone, a spline may
                 # extrapolate inwards into a well that sampling falls into and
@@ -1916,6 +1926,16 @@ class Trainer:
                 rms = fit_table_to_curve(self.table, target.pair, r, u)
                 logger.info("Boltzmann-inversion initial guess for %s: rms %.3g kJ/mol", "-".join(target.pair), rms)
             break  # one state's guess is enough; the pair potential is shared
+
+    def _grid_estimator(self):
+        """An estimator whose RDF grid and smearing the targets are compared on, or None (a custom one without them)."""
+        estimators = list((self.reweighting or {}).values()) + list(self.rollouts.values())
+        if self._custom_estimator is not None:
+            estimators.append(self._custom_estimator)
+        for estimator in estimators:
+            if all(hasattr(estimator, name) for name in ("r", "smearing", "target_outside")):
+                return estimator
+        return None
 
     def _set_learning_rate(self) -> None:
         base = self.learning_rate

@@ -7,6 +7,7 @@ decides the issue's goal, so that a wrong mean or a wrong crossing cannot pass u
 from __future__ import annotations
 
 import importlib.util
+import json
 from pathlib import Path
 
 import numpy as np
@@ -266,9 +267,33 @@ def test_newton_step_regions_initial_trainer_is_the_first_step_of_a_fit(paper):
     assert trainer.options["n_snapshots"] == 37 and trainer.options["optimizer"] == "imc"
     assert trainer.options["imc_smoothing"] == settings["imc_smoothing"] == 0.01
     assert trainer.options["imc_noise_shrink"] is True
-    guess = pe.spline_table_from_targets([state], pe.CUTOFF, knot_spacing=pe.KNOT_SPACING)
+    guess = pe.initial_table([state])
     grid = np.linspace(0.9, 2.45, 40)
     np.testing.assert_allclose(trainer.table.evaluate(grid, 0)[0], guess.evaluate(grid, 0)[0], rtol=0, atol=1e-12)
+
+
+def test_initial_table_inverts_through_the_estimators_kernel_unless_asked_not_to(paper):
+    """The default start is the deconvolved inversion (a steeper wall than the plain one); bad names are refused."""
+    state = dilute_lj_state(paper)
+    deconvolved, plain = paper.initial_table([state]), paper.initial_table([state], "plain")
+    reference = paper.spline_table_from_targets([state], paper.CUTOFF, knot_spacing=paper.KNOT_SPACING)
+    grid = np.linspace(0.9, 2.45, 40)
+    np.testing.assert_allclose(plain.evaluate(grid, 0)[0], reference.evaluate(grid, 0)[0], rtol=0, atol=1e-12)
+    r = np.asarray(state.targets[0].r)
+    wall = r[(np.asarray(state.targets[0].g) > 0.1)][:2]
+    assert np.all(deconvolved.evaluate(wall, 0)[0] > plain.evaluate(wall, 0)[0])
+    with pytest.raises(ValueError, match="guess must be one of"):
+        paper.initial_table([state], "smooth")
+    assert paper.results_guess({}) == "plain" and paper.results_guess({"initial_guess": "deconvolved"}) == "deconvolved"
+
+
+def test_main_refuses_to_mix_guesses_in_one_results_file(paper, tmp_path):
+    """Methods kept from an earlier invocation must share the new runs' start: a plain-guess results.json
+    (no initial_guess key) is refused with --guess deconvolved before anything is simulated."""
+    (tmp_path / "results.json").write_text(json.dumps({"lj": {"methods": {}}}))
+    with pytest.raises(SystemExit):
+        paper.main(["--cases", "lj", "--methods", "ibi", "--quick", "--output", str(tmp_path)])
+    assert not (tmp_path / "targets").exists()
 
 
 class Constructed(Exception):

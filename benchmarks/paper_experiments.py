@@ -43,7 +43,8 @@ earlier invocation in another output folder. Every method starts from the same
 potential: cubic splines (knots every 0.05σ from where the target first
 exceeds g = 0.01 to the cutoff) set to the Boltzmann inversion of the training
 targets through the estimator's kernel (``--guess deconvolved``, the default;
-``--guess plain`` for -kT ln g itself, the start of the runs before it), samples with the same OpenMM sampler (tabulated backend, Langevin,
+``--guess plain`` for -kT ln g itself, the start of the runs before it),
+samples with the same OpenMM sampler (tabulated backend, Langevin,
 dt = 0.005τ, friction 1/τ) and computes g(r) with the same estimator (100 bins
 on 0-2.5σ, Gaussian smearing 0.02σ).
 
@@ -1210,7 +1211,7 @@ def main(argv=None) -> int:
         if name in results and results_guess(results[name]) != args.guess:
             parser.error(
                 f"{results_file} holds {name} from the {results_guess(results[name])} guess, not --guess "
-                f"{args.guess}: use another --output"
+                f"{args.guess}: use another --output (or --guess {results_guess(results[name])})"
             )
     settings = {
         "scale": scale,

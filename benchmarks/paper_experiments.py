@@ -263,7 +263,10 @@ METHOD_SETTINGS["imc-line"] = dict(METHOD_SETTINGS["imc-prior"], imc_line_search
 # (0.1 of the data's trace): near coexistence (Morse at rho* = 0.5) every imc-line
 # fit still left the wall bin at r = 0.81 sigma (g = 0.14) 0.12-0.46 kT too soft,
 # within 0.06 kT beyond it. With 0.1 six seeds ended 0.02-0.24 kT soft there and tied
-# IBI in RDF error and u(r) (docs/experiments.md, "A heavier pull at the wall").
+# IBI in RDF error and u(r) (docs/experiments.md, "A heavier pull at the wall"). All from
+# the plain inversion: from the inversion through the estimator's kernel the wall starts
+# right and imc-line got it within 0.03-0.06 kT, while this pull, towards IBI's overshoot
+# there, did worse (docs/experiments.md, "Inverting through the estimator's kernel").
 METHOD_SETTINGS["imc-wall"] = dict(METHOD_SETTINGS["imc-line"], imc_ibi_prior=0.1)
 # imc-grow whose last two steps each take 400 frames and no curvature penalty
 # (POLISH below): scaled to the trace of JᵀJ, which the first peak dominates, the

@@ -329,6 +329,8 @@ def boltzmann_knot_values(r, g, kT: float, knots, g_min: float = 1e-2, smearing:
 _DECONVOLUTION_SUBDIVISION = 8
 _DECONVOLUTION_ITERATIONS = 50
 _DECONVOLUTION_TOLERANCE = 1e-6
+#: deconvolved_knot_values: at most this many grid points per RDF (fewer points per bin on fine grids).
+_DECONVOLUTION_POINTS = 4000
 
 
 def deconvolved_knot_values(r, g, kT: float, knots, values, smearing: float, g_min: float = 1e-2) -> np.ndarray:
@@ -343,7 +345,8 @@ def deconvolved_knot_values(r, g, kT: float, knots, values, smearing: float, g_m
     shifts pairs inwards and softens u. This finds the knot values θ that
     minimise Σ_k (ln S[exp(-u_θ/k_B T)]_k - ln g_k)² over the bins with
     g > ``g_min`` inside the last knot (Gauss–Newton with step halving), where
-    S is the estimator's kernel on a grid of 8 points per bin. The spline,
+    S is the estimator's kernel on a grid of 8 points per bin (2-8 on RDF grids
+    of more than 500 bins, at most 4000 in all). The spline,
     not the bins, carries the unknowns, so with a knot every two bins the
     inversion does not amplify the bins' own noise; the result is w(r), the
     potential of mean force, as plain inversion means it to be.
@@ -369,8 +372,6 @@ def deconvolved_knot_values(r, g, kT: float, knots, values, smearing: float, g_m
     numpy.ndarray, shape (K,)
         Knot values in kJ/mol (not shifted).
     """
-    from .observables import smear_target
-
     r = np.asarray(r, dtype=np.float64)
     g = np.asarray(g, dtype=np.float64)
     knots = np.asarray(knots, dtype=np.float64)
@@ -388,12 +389,16 @@ def deconvolved_knot_values(r, g, kT: float, knots, values, smearing: float, g_m
     fit = (g > g_min) & (r <= knots[-1])
     if fit.sum() < 4:
         raise ValueError(f"deconvolution needs at least 4 bins with g(r) > {g_min} inside the last knot")
-    # Quadrature grid: from a bin and 8 smearing widths below the first fitted bin's
-    # lower edge (the kernel of that bin sees nothing further in) to the last edge.
-    step = width / _DECONVOLUTION_SUBDIVISION
-    start = max(low, r[fit][0] - 0.5 * width - 8.0 * smearing - width)
-    first = int(np.floor((start - low) / step))
-    fine = low + step * (np.arange(first, int(round((high - low) / step))) + 0.5)
+    # Quadrature grid (cells of a fraction of a bin, fewer on very fine RDF grids to bound
+    # memory): from a bin and 8 smearing widths below the first fitted bin's lower edge (that
+    # bin's kernel sees nothing further in) to as far beyond the last edge, u held there.
+    subdivision = int(np.clip(_DECONVOLUTION_POINTS // r.size, 2, _DECONVOLUTION_SUBDIVISION))
+    step = width / subdivision
+    reach = 8.0 * smearing + width
+    first = int(np.floor((max(low, r[fit][0] - 0.5 * width - reach) - low) / step))
+    last = int(np.ceil((high + reach - low) / step))
+    cells = low + step * np.arange(first, last + 1)
+    fine = 0.5 * (cells[1:] + cells[:-1])
     # u on the grid is linear in the knot values: A[i, j] = spline of the j-th unit vector at fine[i].
     inside = torch.as_tensor(np.minimum(fine, knots[-1]))
     design = np.empty((fine.size, knots.size))
@@ -402,10 +407,21 @@ def deconvolved_knot_values(r, g, kT: float, knots, values, smearing: float, g_m
         unit[j] = 1.0
         with torch.no_grad():
             design[:, j] = CubicSpline(knots, unit, trainable=False).energy_and_derivative(inside)[0].numpy()
-    n_bins = r.size
-    kernel = (
-        smear_target(fine, np.eye(fine.size), float(smearing), (low, high), n_bins, beyond="edge").numpy()[:, fit].T
-    )  # (fitted bins, fine points)
+    # The estimator's expected g in bin k of a pair density exp(-u/kT) (compute_rdf's
+    # normalisation): sum over cells of exp(-u_j/kT) V_j P(k | r_j) / V_k, with P the
+    # Gaussian's share of bin k for a pair at the cell's centre (the bin itself for 0 smearing).
+    edges = low + width * np.arange(r.size + 1)
+    bin_low, bin_high = edges[:-1][fit], edges[1:][fit]
+    if smearing > 0:
+        scale = torch.as_tensor(1.0 / (smearing * math.sqrt(2.0)), dtype=torch.float64)
+        centres = torch.as_tensor(fine)[None, :]
+        upper = torch.special.erf((torch.as_tensor(bin_high)[:, None] - centres) * scale)
+        lower = torch.special.erf((torch.as_tensor(bin_low)[:, None] - centres) * scale)
+        share = (0.5 * (upper - lower)).numpy()
+    else:
+        share = ((fine[None, :] >= bin_low[:, None]) & (fine[None, :] < bin_high[:, None])).astype(np.float64)
+    cell_volumes = cells[1:] ** 3 - cells[:-1] ** 3
+    kernel = share * cell_volumes[None, :] / (bin_high**3 - bin_low**3)[:, None]  # (fitted bins, grid points)
     log_g = np.log(g[fit])
 
     def residual(theta):

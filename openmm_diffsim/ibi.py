@@ -451,13 +451,6 @@ def deconvolved_knot_values(r, g, kT: float, knots, values, smearing: float, g_m
     return theta
 
 
-def _g_on_grid(target, r: np.ndarray, outside: str) -> np.ndarray:
-    """The target's g on the bins centred on ``r`` (resampled as the estimators do where its grid differs)."""
-    if np.asarray(target.r).shape == r.shape and np.allclose(target.r, r, rtol=0.0, atol=1e-9):
-        return np.asarray(target.g, dtype=np.float64)
-    return np.asarray(target.resample(r, outside=outside).g, dtype=np.float64)
-
-
 def deconvolved_inversion(r, g, kT: float, smearing: float, cutoff: float, g_min: float = 1e-2) -> tuple:
     """Boltzmann inversion through the estimator's kernel, as a curve on the resolved bins.
 
@@ -661,7 +654,8 @@ class IBI:
         Its clip (k_B T) and the fraction of the first-order correction.
     boltzmann_initial_guess : bool
         Set the splines to the Boltzmann inversion of the targets before the
-        first iteration (minus any fixed prior).
+        first iteration (minus any fixed prior), through the estimator's bins
+        and smearing (:func:`boltzmann_knot_values`).
     target_loss, plateau_patience
         Stopping rules as for the trainer (on the sampled RDF loss).
     output_dir : str or Path, optional
@@ -805,6 +799,8 @@ class IBI:
     # -- initial guess ------------------------------------------------------------------------------
 
     def _apply_boltzmann_guess(self) -> None:
+        from .gradients import _prepare_targets
+
         g_min = max(self.options["g_min"], 1e-2)
         for k, (spline, rest) in enumerate(self._splines):
             found = [(s, t) for s in self.states for t in s.targets if self.table.pair_index(tuple(t.pair)) == k]
@@ -814,12 +810,12 @@ class IBI:
             weights = np.array([max(s.weight, 0.0) for s, _ in found])
             if weights.sum() <= 0:
                 weights = np.ones(len(found))
-            # Inverted through the estimator's kernel, on its grid (the targets' convention).
-            smearing = self.options["estimator_options"]["smearing"]
-            outside = self.options["estimator_options"]["target_outside"]
+            # Inverted through the estimator's kernel, on its grid (the targets put on it as for the loss).
+            opts = self.options["estimator_options"]
+            on_grid = [_prepare_targets(self.table, [t], self.r, opts["target_outside"])[0].g.numpy() for _, t in found]
             u0 = sum(
-                w * boltzmann_knot_values(self.r, _g_on_grid(t, self.r, outside), s.kT, knots, g_min, smearing)
-                for w, (s, t) in zip(weights, found, strict=True)
+                w * boltzmann_knot_values(self.r, g, s.kT, knots, g_min, opts["smearing"])
+                for w, (s, _), g in zip(weights, found, on_grid, strict=True)
             )
             u0 = u0 / weights.sum()
             with torch.no_grad():

@@ -228,7 +228,10 @@ class Trainer:
     progress : bool
         Print one line per epoch.
     boltzmann_initial_guess : bool
-        Fit u0(r) = -kT ln g_target(r) into the potential before training.
+        Fit u0(r) = -kT ln g_target(r) into the potential before training,
+        inverted through the estimator's bins and smearing
+        (:func:`~openmm_diffsim.ibi.deconvolved_inversion`; plain with a
+        custom estimator that has no RDF grid).
     max_retries : int
         Consecutive rolled-back steps tolerated before giving up.
     callbacks : sequence of callables
@@ -1899,7 +1902,8 @@ class Trainer:
             self.output_dir.mkdir(parents=True, exist_ok=True)
 
     def _apply_boltzmann_guess(self) -> None:
-        from .ibi import _g_on_grid, deconvolved_inversion
+        from .gradients import _prepare_targets
+        from .ibi import deconvolved_inversion
 
         estimator = self._grid_estimator()
         for state in self.states:
@@ -1911,7 +1915,7 @@ class Trainer:
                 else:
                     # Through the estimator's kernel, on its bins: -kT ln g of a
                     # smeared RDF puts the repulsive wall too soft (ibi.boltzmann_knot_values).
-                    g = _g_on_grid(target, estimator.r, estimator.target_outside)
+                    g = _prepare_targets(self.table, [target], estimator.r, estimator.target_outside)[0].g.numpy()
                     cutoff = np.nextafter(self.table.cutoff, 0.0)
                     r, u = deconvolved_inversion(estimator.r, g, state.kT, estimator.smearing, cutoff, g_min=0.05)
                 # Continue the inverted wall a few bins into the core along its

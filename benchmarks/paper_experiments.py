@@ -72,6 +72,14 @@ the same terms from their rollouts, IBI
 adds its pressure ramp (``pressure_correction``). Use another ``--output``
 for such runs: their rows replace the RDF-only ones of the same case.
 
+``--evaluation-repeats J`` averages every evaluation at the training states
+(noise floor, initial guess, curve points, final potential) over J
+re-simulations, the first with the one-run seed: near a coexistence line one
+run's RDF error scatters by as much as the methods differ. The results
+record J; a results folder of another J refuses the run.
+``reevaluate_final.py`` does the same afterwards for the final potentials
+of an earlier invocation.
+
 Writes ``<output>/results.json``, ``<output>/results.md`` (the table),
 ``<output>/<case>/<method>/`` (log.jsonl, checkpoint, plots) and
 ``<output>/<case>_time_to_accuracy_{wall,steps}.png``. Results of cases already
@@ -542,19 +550,43 @@ def rdf_errors(state: StatePoint, g: np.ndarray) -> Dict[str, float]:
     return {"rmse": float(np.mean(rmse)), "mean_abs": float(np.mean(mae))}
 
 
-def evaluate_states(table, states, scale: str, seed: int, platform: Optional[str]) -> Dict[str, Dict[str, float]]:
+#: Seeds of the j-th repeat of an evaluation are offset by j * REPEAT_STRIDE (j = 0: the one-run seeds).
+REPEAT_STRIDE = 1_000_000
+
+
+def evaluate_states(
+    table, states, scale: str, seed: int, platform: Optional[str], repeats: int = 1
+) -> Dict[str, Dict[str, float]]:
     """RDF errors of ``table`` re-simulated at each state; where a state has a target pressure (``--thermo``),
-    also ``pressure_error`` (bar) and ``energy_error`` (kJ/mol per particle) of the re-simulation."""
+    also ``pressure_error`` (bar) and ``energy_error`` (kJ/mol per particle) of the re-simulation.
+
+    ``repeats`` > 1 re-simulates each state that many times (seeds ``seed + j * REPEAT_STRIDE``; the
+    first is the one-run evaluation) and reports the mean of the runs' errors, each run's RMSE under
+    ``rmse_runs``: near a coexistence line one run's error scatters by as much as methods differ.
+    """
+    if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
+        raise ValueError(f"repeats must be a positive integer, got {repeats!r}")
     out = {}
     for k, state in enumerate(states):
-        _, g, frames = simulate_rdfs(
-            state, table, SCALES[scale]["evaluation"], seed=seed + k, platform=platform, snapshots=True
-        )
-        out[state.name] = rdf_errors(state, g)
-        if getattr(state, "pressure", None) is not None:
-            pressure, energy = frame_observables(table, state, frames)
-            out[state.name]["pressure_error"] = float(pressure.mean()) - state.pressure
-            out[state.name]["energy_error"] = float(energy.mean()) - state.energy
+        runs = []
+        for j in range(repeats):
+            _, g, frames = simulate_rdfs(
+                state,
+                table,
+                SCALES[scale]["evaluation"],
+                seed=seed + k + REPEAT_STRIDE * j,
+                platform=platform,
+                snapshots=True,
+            )
+            errors = rdf_errors(state, g)
+            if getattr(state, "pressure", None) is not None:
+                pressure, energy = frame_observables(table, state, frames)
+                errors["pressure_error"] = float(pressure.mean()) - state.pressure
+                errors["energy_error"] = float(energy.mean()) - state.energy
+            runs.append(errors)
+        out[state.name] = {key: float(np.mean([run[key] for run in runs])) for key in runs[0]}
+        if repeats > 1:
+            out[state.name]["rmse_runs"] = [run["rmse"] for run in runs]
     return out
 
 
@@ -746,17 +778,22 @@ def run_case(
     thermo: bool = False,
     first_seed: int = FIRST_TRAINING_SEED,
     guess: str = "deconvolved",
+    evaluation_repeats: int = 1,
 ) -> Dict[str, Any]:
     """Every method on one case; with ``seeds`` > 1 each method is trained and evaluated ``seeds`` times
     (training seeds ``first_seed``, ``first_seed + 1``, ..., evaluation seeds offset by SEED_STRIDE) and
     the entry holds the means, the per-seed entries under ``"seeds"``. A ``first_seed`` above
     FIRST_TRAINING_SEED continues an earlier invocation's seeds with independent ones (training,
     noise-floor and evaluation seeds all move on). ``thermo``: fit the truth's pressure and energy too
-    (:func:`attach_targets`, :func:`train`). ``guess``: the start of every method (:func:`initial_table`)."""
+    (:func:`attach_targets`, :func:`train`). ``guess``: the start of every method (:func:`initial_table`).
+    ``evaluation_repeats``: re-simulations averaged in every evaluation at the training states (the noise
+    floor, the initial guess, every curve point; :func:`evaluate_states`); the test states get one."""
     if guess not in GUESSES:
         raise ValueError(f"guess must be one of {GUESSES}, got {guess!r}")
     if isinstance(seeds, bool) or not isinstance(seeds, int) or seeds < 1:
         raise ValueError(f"seeds must be a positive integer, got {seeds!r}")
+    if isinstance(evaluation_repeats, bool) or not isinstance(evaluation_repeats, int) or evaluation_repeats < 1:
+        raise ValueError(f"evaluation_repeats must be a positive integer, got {evaluation_repeats!r}")
     if isinstance(first_seed, bool) or not isinstance(first_seed, int) or first_seed < FIRST_TRAINING_SEED:
         raise ValueError(f"first_seed must be an integer of at least {FIRST_TRAINING_SEED}, got {first_seed!r}")
     indices = [first_seed - FIRST_TRAINING_SEED + i for i in range(seeds)]
@@ -776,14 +813,16 @@ def run_case(
         "n_seeds": seeds,
         "first_seed": first_seed,
         "initial_guess": guess,
+        "evaluation_repeats": evaluation_repeats,
         "methods": {},
     }
     if thermo_targets:
         result["thermo"] = {"targets": thermo_targets, "options": thermo_options(thermo_targets)}
-    # The noise floor: the truth re-simulated with the evaluation protocol (once per seed).
+    # The noise floor: the truth re-simulated with the evaluation protocol (once per seed, J times at the
+    # training states with evaluation_repeats = J).
     noise_runs = [
         (
-            evaluate_states(truth, train_states, scale, 7000 + SEED_STRIDE * i, platform),
+            evaluate_states(truth, train_states, scale, 7000 + SEED_STRIDE * i, platform, evaluation_repeats),
             evaluate_states(truth, test_states, scale, 7100 + SEED_STRIDE * i, platform),
         )
         for i in indices
@@ -796,7 +835,10 @@ def run_case(
     if seeds > 1:
         result["noise"]["train_rmse_seeds"] = [mean_of(train, "rmse") for train, _ in noise_runs]
     initial_rmse = [
-        mean_of(evaluate_states(initial, train_states, scale, 8000 + SEED_STRIDE * i, platform), "rmse")
+        mean_of(
+            evaluate_states(initial, train_states, scale, 8000 + SEED_STRIDE * i, platform, evaluation_repeats),
+            "rmse",
+        )
         for i in indices
     ]
     result["initial"] = {
@@ -823,6 +865,7 @@ def run_case(
                     initial_rmse=initial_rmse[n],
                     platform=platform,
                     thermo=result["thermo"]["options"] if thermo_targets else None,
+                    evaluation_repeats=evaluation_repeats,
                 )
             )
         entry = runs[0] if seeds == 1 else aggregate_seeds(runs)
@@ -849,8 +892,10 @@ def train_and_evaluate(
     initial_rmse: float,
     platform: Optional[str],
     thermo: Optional[Dict[str, float]] = None,
+    evaluation_repeats: int = 1,
 ) -> Dict[str, Any]:
-    """One training run from ``initial`` and the re-simulation of its saved potentials: one method's entry."""
+    """One training run from ``initial`` and the re-simulation of its saved potentials: one method's entry
+    (training-state evaluations averaged over ``evaluation_repeats`` runs)."""
     spec = SCALES[scale]
     offset = SEED_STRIDE * seed_index
     run, saved = train(
@@ -875,7 +920,7 @@ def train_and_evaluate(
             u_rms_kT=potential_error(initial, truth, train_states)["rms_kT"],
         )
     ]
-    final_train = evaluate_states(run.table, train_states, scale, 9000 + offset, platform)
+    final_train = evaluate_states(run.table, train_states, scale, 9000 + offset, platform, evaluation_repeats)
     final_test = evaluate_states(run.table, test_states, scale, 9100 + offset, platform)
     for k, point in enumerate(saved):
         # The last saved potential is the final one: reuse its evaluation.
@@ -883,7 +928,9 @@ def train_and_evaluate(
         errors = (
             final_train
             if last
-            else evaluate_states(point["table"], train_states, scale, 8000 + 100 * k + offset, platform)
+            else evaluate_states(
+                point["table"], train_states, scale, 8000 + 100 * k + offset, platform, evaluation_repeats
+            )
         )
         curve.append(
             dict(
@@ -918,8 +965,19 @@ def _mean(values) -> Optional[float]:
     return float(np.mean(values))
 
 
-def _mean_per_state(runs: List[Dict[str, Dict[str, float]]]) -> Dict[str, Dict[str, float]]:
-    return {state: {key: _mean(run[state][key] for run in runs) for key in runs[0][state]} for state in runs[0]}
+def _mean_per_state(runs: List[Dict[str, Dict[str, Any]]]) -> Dict[str, Dict[str, Any]]:
+    """Per state, the mean of each error over the runs; lists (``rmse_runs``) are joined, not averaged."""
+    return {
+        state: {
+            key: (
+                [value for run in runs for value in run[state][key]]
+                if isinstance(runs[0][state][key], list)
+                else _mean(run[state][key] for run in runs)
+            )
+            for key in runs[0][state]
+        }
+        for state in runs[0]
+    }
 
 
 CURVE_COST_KEYS = ("md_steps", "rollout_replica_steps", "wall_time", "cpu_time")
@@ -1180,6 +1238,14 @@ def main(argv=None) -> int:
         "-kT ln g of the smeared targets (the runs before the kernel was inverted; use another --output)",
     )
     parser.add_argument(
+        "--evaluation-repeats",
+        type=int,
+        default=1,
+        metavar="J",
+        help="average every evaluation at the training states over J re-simulations (default 1); near a "
+        "coexistence line one run's RDF error scatters by as much as methods differ (use another --output)",
+    )
+    parser.add_argument(
         "--thermo",
         action="store_true",
         help="fit the truth's pressure and pair energy at the training states too (IBI: its pressure ramp); "
@@ -1190,6 +1256,8 @@ def main(argv=None) -> int:
         parser.error(f"--seeds takes a positive integer, got {args.seeds}")
     if args.first_seed < FIRST_TRAINING_SEED:
         parser.error(f"--first-seed takes an integer of at least {FIRST_TRAINING_SEED}, got {args.first_seed}")
+    if args.evaluation_repeats < 1:
+        parser.error(f"--evaluation-repeats takes a positive integer, got {args.evaluation_repeats}")
     scale = "quick" if args.quick else args.scale
     for item in args.epochs:
         method, _, value = item.partition("=")
@@ -1216,6 +1284,12 @@ def main(argv=None) -> int:
                 f"{results_file} holds {name} from the {results_guess(results[name])} guess, not --guess "
                 f"{args.guess}: use another --output (or --guess {results_guess(results[name])})"
             )
+        recorded = results.get(name, {}).get("evaluation_repeats", 1)
+        if name in results and recorded != args.evaluation_repeats:
+            parser.error(
+                f"{results_file} holds {name} evaluated with {recorded} run(s) per evaluation, not "
+                f"--evaluation-repeats {args.evaluation_repeats}: use another --output"
+            )
     settings = {
         "scale": scale,
         **{k: v for k, v in SCALES[scale].items()},
@@ -1227,6 +1301,7 @@ def main(argv=None) -> int:
         "seeds": args.seeds,
         "first_seed": args.first_seed,
         "initial_guess": args.guess,
+        "evaluation_repeats": args.evaluation_repeats,
         "thermo": args.thermo,
     }
     for name in names:
@@ -1242,6 +1317,7 @@ def main(argv=None) -> int:
             thermo=args.thermo,
             first_seed=args.first_seed,
             guess=args.guess,
+            evaluation_repeats=args.evaluation_repeats,
         )
         # Methods not run this time keep their earlier results (same targets, same protocol).
         kept = {m: e for m, e in previous.items() if m not in args.methods}

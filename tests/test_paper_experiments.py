@@ -147,7 +147,7 @@ def test_a_later_first_seed_moves_every_seed_on(paper, tmp_path, monkeypatch):
     monkeypatch.setattr(paper, "potential_error", lambda *args: {"rms_kT": 0.1})
     monkeypatch.setattr(paper, "case_goal", lambda methods: None)
     monkeypatch.setattr(
-        paper, "evaluate_states", lambda table, states, scale, seed, platform: evaluated.append(seed) or {}
+        paper, "evaluate_states", lambda table, states, scale, seed, platform, *rest: evaluated.append(seed) or {}
     )
 
     def fake_train_and_evaluate(method, initial, truth, train, test, scale, folder, seed_index, initial_rmse, **kw):
@@ -502,3 +502,88 @@ def test_screen_refuses_a_file_that_is_not_its_own(screen, tmp_path):
     with pytest.raises(SystemExit):
         screen.main(["--case", "binary-x0.5", "--output", str(tmp_path / "other"), "--targets", str(targets)])
     assert not targets.exists() and not (tmp_path / "other").exists()
+
+
+@pytest.fixture(scope="module")
+def reevaluation():
+    return load_script("reevaluate_final")
+
+
+def test_reevaluation_averages_single_runs_and_pools_g(reevaluation, monkeypatch):
+    """``single`` is the mean of the runs' RMSEs, ``pooled`` the RMSE of their mean g; fresh seeds per run."""
+    from types import SimpleNamespace
+
+    pe = reevaluation.pe
+    r = np.linspace(0.0125, 2.4875, 100)
+    target = np.ones_like(r)
+    state = SimpleNamespace(name="s", targets=[SimpleNamespace(r=r, g=target, pair=("A", "A"))])
+    # Run j misses the target by +0.1 and -0.1 alternately: each run's RMSE is 0.1, their mean g is exact.
+    offsets = iter([0.1, -0.1, 0.1, -0.1])
+    seeds = []
+
+    def fake(state, table, protocol, seed, platform):
+        seeds.append(seed)
+        return r, (target + next(offsets))[None, :]
+
+    monkeypatch.setattr(pe, "simulate_rdfs", fake)
+    row = reevaluation.reevaluate("table", [state], 4, seed=123, scale="reduced", platform=None)
+    assert row["single"] == pytest.approx(0.1) and row["single_se"] == pytest.approx(0.0, abs=1e-12)
+    assert row["pooled"] == pytest.approx(0.0, abs=1e-12)
+    assert seeds == [123, 223, 323, 423]
+    # A blown-up re-simulation is named, not averaged.
+    monkeypatch.setattr(pe, "simulate_rdfs", lambda *a, **k: (r, np.full((1, r.size), np.nan)))
+    with pytest.raises(ValueError, match="non-finite g"):
+        reevaluation.reevaluate("table", [state], 2, seed=1, scale="reduced", platform=None)
+
+
+def test_reevaluation_finds_seed_folders_and_their_indices(reevaluation, tmp_path):
+    for k in (4, 5):
+        (tmp_path / "case" / "ibi" / f"seed-{k}").mkdir(parents=True)
+        (tmp_path / "case" / "ibi" / f"seed-{k}" / "checkpoint.pt").write_bytes(b"")
+    (tmp_path / "case" / "imc").mkdir(parents=True)
+    (tmp_path / "case" / "imc" / "checkpoint.pt").write_bytes(b"")
+    runs = reevaluation.final_checkpoints(tmp_path, "case", "ibi")
+    assert [reevaluation.seed_index(p) for p in runs] == [3, 4]
+    assert [reevaluation.seed_index(p) for p in reevaluation.final_checkpoints(tmp_path, "case", "imc")] == [0]
+    assert reevaluation.final_checkpoints(tmp_path, "case", "missing") == []
+
+
+def test_repeated_evaluations_average_fresh_runs_and_keep_the_first_runs_seed(paper, monkeypatch):
+    """``repeats`` re-simulations per state (the first with the one-run seed), their errors averaged."""
+    from types import SimpleNamespace
+
+    r = np.linspace(0.0125, 2.4875, 100)
+    target = np.ones_like(r)
+    states = [SimpleNamespace(name=n, targets=[SimpleNamespace(r=r, g=target, pair=("A", "A"))]) for n in "ab"]
+    seeds = []
+
+    def fake(state, table, protocol, seed, platform, snapshots=False):
+        seeds.append(seed)
+        miss = 0.01 * (len(seeds))  # every run misses by another constant
+        return r, (target + miss)[None, :], None
+
+    monkeypatch.setattr(paper, "simulate_rdfs", fake)
+    once = paper.evaluate_states("table", states, "reduced", 50, None)
+    assert seeds == [50, 51] and once["a"]["rmse"] == pytest.approx(0.01) and "rmse_runs" not in once["a"]
+    seeds.clear()
+    thrice = paper.evaluate_states("table", states, "reduced", 50, None, repeats=3)
+    stride = paper.REPEAT_STRIDE
+    assert seeds == [50, 50 + stride, 50 + 2 * stride, 51, 51 + stride, 51 + 2 * stride]
+    assert thrice["a"]["rmse_runs"] == pytest.approx([0.01, 0.02, 0.03])
+    assert thrice["a"]["rmse"] == pytest.approx(0.02) and thrice["b"]["rmse"] == pytest.approx(0.05)
+    assert thrice["a"]["mean_abs"] == pytest.approx(0.02)
+    # Means over seeds average the errors and join the runs.
+    joined = paper._mean_per_state([thrice, thrice])
+    assert joined["a"]["rmse"] == pytest.approx(0.02) and len(joined["a"]["rmse_runs"]) == 6
+    with pytest.raises(ValueError, match="repeats must be a positive integer"):
+        paper.evaluate_states("table", states, "reduced", 50, None, repeats=0)
+
+
+def test_main_refuses_to_mix_evaluation_repeats_in_one_results_file(paper, tmp_path, capsys):
+    (tmp_path / "results.json").write_text(json.dumps({"lj": {"initial_guess": "deconvolved", "methods": {}}}))
+    with pytest.raises(SystemExit):
+        paper.main(["--cases", "lj", "--methods", "ibi", "--output", str(tmp_path), "--evaluation-repeats", "4"])
+    assert "evaluated with 1 run(s) per evaluation, not --evaluation-repeats 4" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        paper.main(["--cases", "lj", "--output", str(tmp_path), "--evaluation-repeats", "0"])
+    assert "--evaluation-repeats takes a positive integer" in capsys.readouterr().err

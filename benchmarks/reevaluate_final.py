@@ -58,7 +58,7 @@ def reevaluate(table, states, repeats: int, seed: int, scale: str, platform: Opt
     (RMSE of g averaged over the runs, averaged over states).
     """
     protocol = pe.SCALES[scale]["evaluation"]
-    singles, pooled = [], []
+    singles = []
     sums = [None] * len(states)
     for j in range(repeats):
         errors = []

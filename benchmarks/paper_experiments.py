@@ -480,9 +480,19 @@ THERMO_KEYS = (
 
 
 def attach_targets(
-    case_name: str, case, scale: str, cache: Path, platform: Optional[str], thermo: bool = False
+    case_name: str,
+    case,
+    scale: str,
+    cache: Path,
+    platform: Optional[str],
+    thermo: bool = False,
+    simulate_missing: bool = True,
 ) -> tuple:
     """Simulate (or read cached) target RDFs of every state.
+
+    ``simulate_missing=False`` (scripts that analyse potentials trained on
+    the cached targets) raises FileNotFoundError instead of simulating new
+    targets those potentials never saw.
 
     Returns the seconds spent simulating (per state) and, with ``thermo``,
     the truth's :func:`thermodynamic_targets` per training state (else an
@@ -494,8 +504,12 @@ def attach_targets(
     spent: Dict[str, float] = {}
     statistics: Dict[str, Dict[str, float]] = {}
     n_train = len(case["train"])
-    for k, state in enumerate(case["train"] + case["test"]):
-        file = cache / f"{scale}_{case['family']}_{state.name}.npz"
+    files = [cache / f"{scale}_{case['family']}_{state.name}.npz" for state in case["train"] + case["test"]]
+    if not simulate_missing:
+        missing = [str(file) for file in files if not file.exists()]
+        if missing:
+            raise FileNotFoundError(f"no cached targets of {case_name}: {', '.join(missing)}")
+    for k, (state, file) in enumerate(zip(case["train"] + case["test"], files, strict=True)):
         want_thermo = thermo and k < n_train
         if file.exists():
             stored = dict(np.load(file))
@@ -562,13 +576,15 @@ def evaluate_states(
 
     ``repeats`` > 1 re-simulates each state that many times (seeds ``seed + j * REPEAT_STRIDE``; the
     first is the one-run evaluation) and reports the mean of the runs' errors, each run's RMSE under
-    ``rmse_runs``: near a coexistence line one run's error scatters by as much as methods differ.
+    ``rmse_runs`` and the RMSE of g(r) averaged over the runs under ``pooled_rmse``: near a
+    coexistence line one run's error scatters by as much as methods differ. A re-simulation whose
+    g(r) is not finite raises ValueError.
     """
     if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
         raise ValueError(f"repeats must be a positive integer, got {repeats!r}")
     out = {}
     for k, state in enumerate(states):
-        runs = []
+        runs, g_sum = [], 0.0
         for j in range(repeats):
             _, g, frames = simulate_rdfs(
                 state,
@@ -578,6 +594,11 @@ def evaluate_states(
                 platform=platform,
                 snapshots=True,
             )
+            if not np.all(np.isfinite(g)):
+                raise ValueError(
+                    f"the re-simulation at {state.name} (seed {seed + k + REPEAT_STRIDE * j}) gave a non-finite g(r)"
+                )
+            g_sum = g_sum + np.asarray(g, dtype=np.float64)
             errors = rdf_errors(state, g)
             if getattr(state, "pressure", None) is not None:
                 pressure, energy = frame_observables(table, state, frames)
@@ -587,6 +608,7 @@ def evaluate_states(
         out[state.name] = {key: float(np.mean([run[key] for run in runs])) for key in runs[0]}
         if repeats > 1:
             out[state.name]["rmse_runs"] = [run["rmse"] for run in runs]
+            out[state.name]["pooled_rmse"] = rdf_errors(state, g_sum / repeats)["rmse"]
     return out
 
 
@@ -765,6 +787,21 @@ def train(
 SEED_STRIDE = 10000
 #: Training seed of the first run; the i-th of ``--seeds`` uses FIRST_TRAINING_SEED + i.
 FIRST_TRAINING_SEED = 11
+
+
+def final_checkpoints(output: Path, case: str, method: str) -> List[tuple]:
+    """(seed index, path) of every final ``checkpoint.pt`` of ``method`` in one output folder: one per
+    ``seed-<i+1>`` folder, or the single-seed run's (index 0); empty when there is none."""
+    folder = Path(output) / case / method
+    found = []
+    for path in sorted(folder.glob("seed-*/checkpoint.pt")):
+        number = path.parent.name[len("seed-") :]
+        if not number.isdigit() or int(number) < 1:
+            raise ValueError(f"{path.parent} is not a seed folder of paper_experiments.py (seed-1, seed-2, ...)")
+        found.append((int(number) - 1, path))
+    if not found and (folder / "checkpoint.pt").exists():
+        found.append((0, folder / "checkpoint.pt"))
+    return sorted(found)
 
 
 def run_case(

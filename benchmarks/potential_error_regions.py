@@ -113,12 +113,6 @@ def plot_profiles(path: Path, profiles: Dict[str, List[tuple]], title: str) -> P
     return _save(fig, path)
 
 
-def runs_of(output: Path, case: str, method: str) -> List[Path]:
-    folder = output / case / method
-    seeds = sorted(folder.glob("seed-*"))
-    return [s / "checkpoint.pt" for s in seeds] if seeds else [folder / "checkpoint.pt"]
-
-
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("output", help="the paper_experiments.py output folder")
@@ -133,7 +127,11 @@ def main(argv=None) -> int:
     case = cases[args.case]
     if len(case["truth"]().pair_keys()) != 1:
         parser.error("one pair type only (the binary cases are not split)")
-    pe.attach_targets(args.case, case, "reduced", output / "targets", None)
+    # The targets the runs were trained on: never simulate new ones here.
+    try:
+        pe.attach_targets(args.case, case, "reduced", output / "targets", None, simulate_missing=False)
+    except FileNotFoundError as exc:
+        parser.error(str(exc))
     truth, train_states = case["truth"](), case["train"]
     masks = region_masks(train_states)
     r = np.asarray(train_states[0].targets[0].r)
@@ -146,9 +144,10 @@ def main(argv=None) -> int:
     profiles = {"initial": [centred_profile(initial, truth, train_states)]}
     for method in args.methods:
         results[method], profiles[method] = [], []
-        for path in runs_of(output, args.case, method):
-            if not path.exists():
-                parser.error(f"no checkpoint at {path}")
+        found = pe.final_checkpoints(output, args.case, method)
+        if not found:
+            parser.error(f"no checkpoint of {method} in {output / args.case / method}")
+        for _, path in found:
             table = torch.load(path, weights_only=False)["table"]
             results[method].append(error_by_region(table, truth, train_states))
             profiles[method].append(centred_profile(table, truth, train_states))

@@ -32,7 +32,7 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Any, Dict, List, Optional
 
 import numpy as np
 import torch
@@ -44,38 +44,23 @@ import paper_experiments as pe  # noqa: E402  (the experiments' cases, targets, 
 REEVALUATION_SEED = 5000
 
 
-def seed_index(checkpoint: Path) -> int:
-    """The run's seed index (0 for ``seed-1`` or a single-seed run), which offsets its evaluation seeds."""
-    folder = checkpoint.parent.name
-    return int(folder.split("-", 1)[1]) - 1 if folder.startswith("seed-") else 0
-
-
-def reevaluate(table, states, repeats: int, seed: int, scale: str, platform: Optional[str]) -> Dict[str, float]:
-    """RDF errors of ``table`` over ``repeats`` fresh evaluation runs at ``states`` (seeds ``seed + 100 j``).
+def reevaluate(table, states, repeats: int, seed: int, scale: str, platform: Optional[str]) -> Dict[str, Any]:
+    """RDF errors of ``table`` over ``repeats`` (at least 2) fresh evaluation runs at ``states``
+    (``paper_experiments.evaluate_states``, seeds ``seed + state index + j * REPEAT_STRIDE``).
 
     Returns ``single`` (mean over runs of the state-averaged RMSE), ``single_se``
     (its standard error), ``single_runs`` (the runs' values) and ``pooled``
     (RMSE of g averaged over the runs, averaged over states).
     """
-    protocol = pe.SCALES[scale]["evaluation"]
-    singles = []
-    sums = [None] * len(states)
-    for j in range(repeats):
-        errors = []
-        for k, state in enumerate(states):
-            _, g = pe.simulate_rdfs(state, table, protocol, seed=seed + 100 * j + k, platform=platform)
-            g = np.asarray(g, dtype=float)
-            if not np.all(np.isfinite(g)):
-                raise ValueError(f"re-simulation at {state.name} gave a non-finite g(r)")
-            errors.append(pe.rdf_errors(state, g)["rmse"])
-            sums[k] = g if sums[k] is None else sums[k] + g
-        singles.append(float(np.mean(errors)))
-    pooled = [pe.rdf_errors(state, total / repeats)["rmse"] for state, total in zip(states, sums, strict=True)]
+    if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 2:
+        raise ValueError(f"repeats must be an integer of at least 2, got {repeats!r}")
+    errors = pe.evaluate_states(table, states, scale, seed, platform, repeats)
+    singles = np.mean([errors[state.name]["rmse_runs"] for state in states], axis=0)
     return {
-        "single": float(np.mean(singles)),
-        "single_se": float(np.std(singles, ddof=1) / np.sqrt(repeats)) if repeats > 1 else None,
-        "single_runs": singles,
-        "pooled": float(np.mean(pooled)),
+        "single": float(singles.mean()),
+        "single_se": float(singles.std(ddof=1) / np.sqrt(repeats)),
+        "single_runs": [float(v) for v in singles],
+        "pooled": float(np.mean([errors[state.name]["pooled_rmse"] for state in states])),
     }
 
 
@@ -105,27 +90,34 @@ def main(argv=None) -> int:
     if args.case not in cases:
         parser.error(f"unknown case {args.case!r}")
     case = cases[args.case]
-    pe.attach_targets(args.case, case, args.scale, outputs[0] / "targets", args.platform)
+    # The targets the runs were trained on: never simulate new ones here.
+    try:
+        pe.attach_targets(args.case, case, args.scale, outputs[0] / "targets", None, simulate_missing=False)
+    except FileNotFoundError as exc:
+        parser.error(str(exc))
     truth, states = case["truth"](), case["train"]
     reference = [np.asarray(t.g) for s in states for t in s.targets]
     for extra in outputs[1:]:
         other = pe.all_cases(pe.SCALES[args.scale]["n"])[args.case]
-        pe.attach_targets(args.case, other, args.scale, extra / "targets", args.platform)
+        try:
+            pe.attach_targets(args.case, other, args.scale, extra / "targets", None, simulate_missing=False)
+        except FileNotFoundError as exc:
+            parser.error(str(exc))
         if any(
             not np.array_equal(a, np.asarray(t.g))
             for a, t in zip(reference, [t for s in other["train"] for t in s.targets], strict=True)
         ):
             parser.error(f"{extra} holds other targets than {outputs[0]}: its runs cannot be pooled")
 
-    runs: Dict[str, List[Path]] = {}
+    runs: Dict[str, List[tuple]] = {}
     for method in args.methods:
         runs[method] = []
         for output in outputs:
-            found = final_checkpoints(output, args.case, method)
+            found = pe.final_checkpoints(output, args.case, method)
             if not found:
                 parser.error(f"no checkpoint of {method} in {output / args.case / method}")
             runs[method].extend(found)
-        indices = [seed_index(p) for p in runs[method]]
+        indices = [index for index, _ in runs[method]]
         if len(set(indices)) != len(indices):
             parser.error(f"{method}: two runs with the same seed index across the output folders")
 
@@ -135,8 +127,7 @@ def main(argv=None) -> int:
     print(f"    single {results['truth']['single']:.4f}, pooled {results['truth']['pooled']:.4f}", flush=True)
     for method, paths in runs.items():
         rows = []
-        for path in paths:
-            index = seed_index(path)
+        for index, path in paths:
             table = torch.load(path, weights_only=False)["table"]
             seed = REEVALUATION_SEED + 1000 + pe.SEED_STRIDE * index
             row = reevaluate(table, states, args.repeats, seed, args.scale, args.platform)
@@ -157,16 +148,6 @@ def main(argv=None) -> int:
     out.write_text(json.dumps(results, indent=1))
     print(f"written {out}")
     return 0
-
-
-def final_checkpoints(output: Path, case: str, method: str) -> List[Path]:
-    """The final checkpoints of ``method`` in one output folder (one per seed folder, or the single run's)."""
-    folder = output / case / method
-    seeds = sorted(folder.glob("seed-*/checkpoint.pt"))
-    if seeds:
-        return seeds
-    single = folder / "checkpoint.pt"
-    return [single] if single.exists() else []
 
 
 if __name__ == "__main__":

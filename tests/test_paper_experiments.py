@@ -521,31 +521,48 @@ def test_reevaluation_averages_single_runs_and_pools_g(reevaluation, monkeypatch
     offsets = iter([0.1, -0.1, 0.1, -0.1])
     seeds = []
 
-    def fake(state, table, protocol, seed, platform):
+    def fake(state, table, protocol, seed, platform, snapshots=False):
         seeds.append(seed)
-        return r, (target + next(offsets))[None, :]
+        return r, (target + next(offsets))[None, :], None
 
     monkeypatch.setattr(pe, "simulate_rdfs", fake)
     row = reevaluation.reevaluate("table", [state], 4, seed=123, scale="reduced", platform=None)
     assert row["single"] == pytest.approx(0.1) and row["single_se"] == pytest.approx(0.0, abs=1e-12)
+    assert row["single_runs"] == pytest.approx([0.1] * 4)
     assert row["pooled"] == pytest.approx(0.0, abs=1e-12)
-    assert seeds == [123, 223, 323, 423]
+    assert seeds == [123 + j * pe.REPEAT_STRIDE for j in range(4)]
+    with pytest.raises(ValueError, match="at least 2"):
+        reevaluation.reevaluate("table", [state], 1, seed=1, scale="reduced", platform=None)
     # A blown-up re-simulation is named, not averaged.
-    monkeypatch.setattr(pe, "simulate_rdfs", lambda *a, **k: (r, np.full((1, r.size), np.nan)))
-    with pytest.raises(ValueError, match="non-finite g"):
+    monkeypatch.setattr(pe, "simulate_rdfs", lambda *a, **k: (r, np.full((1, r.size), np.nan), None))
+    with pytest.raises(ValueError, match="re-simulation at s .*non-finite g"):
         reevaluation.reevaluate("table", [state], 2, seed=1, scale="reduced", platform=None)
 
 
-def test_reevaluation_finds_seed_folders_and_their_indices(reevaluation, tmp_path):
+def test_final_checkpoints_of_seed_folders_and_single_runs(paper, tmp_path):
     for k in (4, 5):
         (tmp_path / "case" / "ibi" / f"seed-{k}").mkdir(parents=True)
         (tmp_path / "case" / "ibi" / f"seed-{k}" / "checkpoint.pt").write_bytes(b"")
     (tmp_path / "case" / "imc").mkdir(parents=True)
     (tmp_path / "case" / "imc" / "checkpoint.pt").write_bytes(b"")
-    runs = reevaluation.final_checkpoints(tmp_path, "case", "ibi")
-    assert [reevaluation.seed_index(p) for p in runs] == [3, 4]
-    assert [reevaluation.seed_index(p) for p in reevaluation.final_checkpoints(tmp_path, "case", "imc")] == [0]
-    assert reevaluation.final_checkpoints(tmp_path, "case", "missing") == []
+    found = paper.final_checkpoints(tmp_path, "case", "ibi")
+    assert [(i, p.parent.name) for i, p in found] == [(3, "seed-4"), (4, "seed-5")]
+    assert [i for i, _ in paper.final_checkpoints(tmp_path, "case", "imc")] == [0]
+    assert paper.final_checkpoints(tmp_path, "case", "missing") == []
+    (tmp_path / "case" / "ibi" / "seed-x").mkdir()
+    (tmp_path / "case" / "ibi" / "seed-x" / "checkpoint.pt").write_bytes(b"")
+    with pytest.raises(ValueError, match="seed-x is not a seed folder"):
+        paper.final_checkpoints(tmp_path, "case", "ibi")
+
+
+def test_analyses_of_trained_runs_never_simulate_new_targets(paper, reevaluation, tmp_path, capsys):
+    case = paper.all_cases(16)["lj"]
+    with pytest.raises(FileNotFoundError, match="no cached targets of lj: .*quick_lj_rho0.3.npz"):
+        paper.attach_targets("lj", case, "quick", tmp_path, None, simulate_missing=False)
+    assert not any(tmp_path.iterdir())
+    with pytest.raises(SystemExit):
+        reevaluation.main(["lj", "ibi", "--output", str(tmp_path)])
+    assert "no cached targets of lj" in capsys.readouterr().err
 
 
 def test_repeated_evaluations_average_fresh_runs_and_keep_the_first_runs_seed(paper, monkeypatch):
@@ -572,6 +589,7 @@ def test_repeated_evaluations_average_fresh_runs_and_keep_the_first_runs_seed(pa
     assert thrice["a"]["rmse_runs"] == pytest.approx([0.01, 0.02, 0.03])
     assert thrice["a"]["rmse"] == pytest.approx(0.02) and thrice["b"]["rmse"] == pytest.approx(0.05)
     assert thrice["a"]["mean_abs"] == pytest.approx(0.02)
+    assert thrice["a"]["pooled_rmse"] == pytest.approx(0.02) and "pooled_rmse" not in once["a"]
     # Means over seeds average the errors and join the runs.
     joined = paper._mean_per_state([thrice, thrice])
     assert joined["a"]["rmse"] == pytest.approx(0.02) and len(joined["a"]["rmse_runs"]) == 6

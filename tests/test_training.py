@@ -1016,9 +1016,12 @@ def test_imc_with_smoothing_fits_a_spline_to_a_simulated_rdf(tmp_path):
     # threads is not bitwise reproducible: the mean error over the run was
     # 0.43-0.52 of the initial one in six local runs and 0.70 in one CI run
     # (one noisy step to 0.93), so ask for a clear improvement at the best
-    # epoch and a lasting one at the end, not for the mean.
+    # epoch and a lasting one at the end, not for the mean. From the inversion
+    # through the estimator's kernel (a closer start) the best epoch was at
+    # 0.26-0.46 and the last at 0.28-0.74 of the start in 15 local runs, and the
+    # last at 0.86 in one CI run: the end only has to stay below the start.
     assert min(errors) < 0.6 * initial_error
-    assert errors[-1] < 0.85 * initial_error
+    assert errors[-1] < initial_error
 
 
 def test_imc_damps_a_step_that_no_length_keeps_out_of_the_core():

@@ -78,10 +78,12 @@ re-simulations, the first with the one-run seed: near a coexistence line one
 run's RDF error scatters by as much as the methods differ. The results
 record J; a results folder of another J refuses the run.
 ``reevaluate_final.py`` does the same afterwards for the final potentials
-of an earlier invocation.
+of an earlier invocation, and with ``--curves`` for every potential saved
+along its curves.
 
 Writes ``<output>/results.json``, ``<output>/results.md`` (the table),
-``<output>/<case>/<method>/`` (log.jsonl, checkpoint, plots) and
+``<output>/<case>/<method>/`` (log.jsonl, checkpoint, plots, and the
+potentials saved along the curve with their costs, ``curve_potentials.pt``) and
 ``<output>/<case>_time_to_accuracy_{wall,steps}.png``. Results of cases already
 in ``results.json`` are kept unless the case is run again.
 """
@@ -107,7 +109,7 @@ from openmm_diffsim.potentials import LennardJones, ModifiedMorse, PairTable
 from openmm_diffsim.sampling import reference_rdfs
 from openmm_diffsim.systems import MOLAR_GAS_CONSTANT, StatePoint
 from openmm_diffsim.targets import Target
-from openmm_diffsim.training import Trainer, _atomic_write_bytes
+from openmm_diffsim.training import Trainer, _atomic_write_bytes, atomic_torch_save
 
 CUTOFF = 2.5  # sigma
 RDF_GRID = dict(r_range=(0.0, CUTOFF), n_bins=100, smearing=0.02)
@@ -789,19 +791,51 @@ SEED_STRIDE = 10000
 FIRST_TRAINING_SEED = 11
 
 
-def final_checkpoints(output: Path, case: str, method: str) -> List[tuple]:
-    """(seed index, path) of every final ``checkpoint.pt`` of ``method`` in one output folder: one per
-    ``seed-<i+1>`` folder, or the single-seed run's (index 0); empty when there is none."""
+def run_files(output: Path, case: str, method: str, filename: str = "checkpoint.pt") -> List[tuple]:
+    """(seed index, path) of every ``filename`` of ``method``'s runs in one output folder: one per
+    ``seed-<i+1>`` folder, or the single-seed run's (index 0); empty when there is none. The final
+    potentials are ``checkpoint.pt``, the potentials along the curve CURVE_POTENTIALS."""
     folder = Path(output) / case / method
     found = []
-    for path in sorted(folder.glob("seed-*/checkpoint.pt")):
+    for path in sorted(folder.glob(f"seed-*/{filename}")):
         number = path.parent.name[len("seed-") :]
         if not number.isdigit() or int(number) < 1:
             raise ValueError(f"{path.parent} is not a seed folder of paper_experiments.py (seed-1, seed-2, ...)")
         found.append((int(number) - 1, path))
-    if not found and (folder / "checkpoint.pt").exists():
-        found.append((0, folder / "checkpoint.pt"))
+    if not found and (folder / filename).exists():
+        found.append((0, folder / filename))
     return sorted(found)
+
+
+#: Name of the file in each run folder holding the potentials saved along the time-to-accuracy curve.
+CURVE_POTENTIALS = "curve_potentials.pt"
+
+
+def save_curve_potentials(folder: Path, saved: List[Dict[str, Any]]) -> Path:
+    """Write the potentials saved along one run's curve (:func:`train`'s list: epoch, costs, table) to
+    ``folder/curve_potentials.pt``, atomically."""
+    path = Path(folder) / CURVE_POTENTIALS
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_torch_save([dict(point) for point in saved], path)
+    return path
+
+
+def load_curve_potentials(path: Path) -> List[Dict[str, Any]]:
+    """The points of :func:`save_curve_potentials`, checked: each has an epoch, the costs of
+    CURVE_COST_KEYS and a table, in increasing epochs."""
+    points = torch.load(path, weights_only=False)
+    if not isinstance(points, list) or not points:
+        raise ValueError(f"{path} holds no list of curve points")
+    for k, point in enumerate(points):
+        missing = [key for key in ("epoch", "table", *CURVE_COST_KEYS) if key not in point]
+        if missing:
+            raise ValueError(f"{path}: curve point {k} lacks {', '.join(missing)}")
+        if not isinstance(point["table"], PairTable):
+            raise ValueError(f"{path}: curve point {k} holds a {type(point['table']).__name__}, not a PairTable")
+    epochs = [point["epoch"] for point in points]
+    if epochs != sorted(set(epochs)):
+        raise ValueError(f"{path}: the curve's epochs are not increasing: {epochs}")
+    return points
 
 
 def run_case(
@@ -946,6 +980,9 @@ def train_and_evaluate(
         points=spec["curve_points"],
         thermo=thermo,
     )
+    # Every saved potential with its cost, so that the curve can be re-simulated later
+    # (benchmarks/reevaluate_final.py --curves) without training again.
+    save_curve_potentials(folder, saved)
     curve = [
         dict(
             epoch=0,
@@ -1125,7 +1162,9 @@ def total_steps(point) -> int:
 # -- outputs ----------------------------------------------------------------------------------------------------
 
 
-def plot_case(name: str, result: Dict[str, Any], output: Path) -> List[Path]:
+def plot_case(name: str, result: Dict[str, Any], output: Path, note: str = "") -> List[Path]:
+    """The time-to-accuracy and potential-error plots of one case against wall time, CPU time and MD
+    steps; ``note`` is added to the titles (e.g. how the curve points were evaluated)."""
     from openmm_diffsim.plotting import plot_time_to_accuracy
 
     methods = result["methods"]
@@ -1148,7 +1187,7 @@ def plot_case(name: str, result: Dict[str, Any], output: Path) -> List[Path]:
                 xlabel=label,
                 ylabel="RDF RMSE at the training state(s), re-simulated",
                 threshold=threshold,
-                title=f"{name}: RDF error vs cost{averaged}\n(dotted: IBI's final error)",
+                title=f"{name}: RDF error vs cost{averaged}{note}\n(dotted: IBI's final error)",
                 spread=_bands(methods, key, "train_rmse"),
             )
         )
@@ -1162,7 +1201,7 @@ def plot_case(name: str, result: Dict[str, Any], output: Path) -> List[Path]:
                 u_curves,
                 xlabel=label,
                 ylabel="u(r) rms error vs truth (kT)",
-                title=f"{name}: potential error vs cost{averaged}",
+                title=f"{name}: potential error vs cost{averaged}{note}",
                 spread=_bands(methods, key, "u_rms_kT"),
             )
         )

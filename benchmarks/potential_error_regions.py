@@ -144,7 +144,7 @@ def main(argv=None) -> int:
     profiles = {"initial": [centred_profile(initial, truth, train_states)]}
     for method in args.methods:
         results[method], profiles[method] = [], []
-        found = pe.final_checkpoints(output, args.case, method)
+        found = pe.run_files(output, args.case, method)
         if not found:
             parser.error(f"no checkpoint of {method} in {output / args.case / method}")
         for _, path in found:

@@ -539,20 +539,20 @@ def test_reevaluation_averages_single_runs_and_pools_g(reevaluation, monkeypatch
         reevaluation.reevaluate("table", [state], 2, seed=1, scale="reduced", platform=None)
 
 
-def test_final_checkpoints_of_seed_folders_and_single_runs(paper, tmp_path):
+def test_run_files_of_seed_folders_and_single_runs(paper, tmp_path):
     for k in (4, 5):
         (tmp_path / "case" / "ibi" / f"seed-{k}").mkdir(parents=True)
         (tmp_path / "case" / "ibi" / f"seed-{k}" / "checkpoint.pt").write_bytes(b"")
     (tmp_path / "case" / "imc").mkdir(parents=True)
     (tmp_path / "case" / "imc" / "checkpoint.pt").write_bytes(b"")
-    found = paper.final_checkpoints(tmp_path, "case", "ibi")
+    found = paper.run_files(tmp_path, "case", "ibi")
     assert [(i, p.parent.name) for i, p in found] == [(3, "seed-4"), (4, "seed-5")]
-    assert [i for i, _ in paper.final_checkpoints(tmp_path, "case", "imc")] == [0]
-    assert paper.final_checkpoints(tmp_path, "case", "missing") == []
+    assert [i for i, _ in paper.run_files(tmp_path, "case", "imc")] == [0]
+    assert paper.run_files(tmp_path, "case", "missing") == []
     (tmp_path / "case" / "ibi" / "seed-x").mkdir()
     (tmp_path / "case" / "ibi" / "seed-x" / "checkpoint.pt").write_bytes(b"")
     with pytest.raises(ValueError, match="seed-x is not a seed folder"):
-        paper.final_checkpoints(tmp_path, "case", "ibi")
+        paper.run_files(tmp_path, "case", "ibi")
 
 
 def test_analyses_of_trained_runs_never_simulate_new_targets(paper, reevaluation, tmp_path, capsys):
@@ -605,3 +605,131 @@ def test_main_refuses_to_mix_evaluation_repeats_in_one_results_file(paper, tmp_p
     with pytest.raises(SystemExit):
         paper.main(["--cases", "lj", "--output", str(tmp_path), "--evaluation-repeats", "0"])
     assert "--evaluation-repeats takes a positive integer" in capsys.readouterr().err
+
+
+def test_curve_potentials_round_trip_and_name_what_is_wrong(paper, tmp_path):
+    import torch
+
+    saved = [
+        dict(epoch=e, md_steps=100 * e, rollout_replica_steps=0, wall_time=float(e), cpu_time=2.0 * e, table=t)
+        for e, t in ((1, paper.lj_table()), (3, paper.morse_table(5.5, 0.44)))
+    ]
+    path = paper.save_curve_potentials(tmp_path / "case" / "ibi" / "seed-2", saved)
+    assert path == tmp_path / "case" / "ibi" / "seed-2" / paper.CURVE_POTENTIALS
+    assert paper.run_files(tmp_path, "case", "ibi", paper.CURVE_POTENTIALS) == [(1, path)]
+    assert paper.run_files(tmp_path, "case", "ibi") == []  # no final checkpoint written here
+    loaded = paper.load_curve_potentials(path)
+    assert [p["epoch"] for p in loaded] == [1, 3] and loaded[1]["md_steps"] == 300
+    r = np.linspace(0.9, 2.4, 7)
+    assert np.allclose(loaded[1]["table"].evaluate(r, 0)[0], saved[1]["table"].evaluate(r, 0)[0])
+    bad = tmp_path / "bad.pt"
+    for points, message in (
+        ([], "no list of curve points"),
+        ([dict(saved[0], table="spline")], "holds a str, not a PairTable"),
+        ([{k: v for k, v in saved[0].items() if k != "wall_time"}], "curve point 0 lacks wall_time"),
+        ([saved[1], saved[0]], "epochs are not increasing"),
+    ):
+        torch.save(points, bad)
+        with pytest.raises(ValueError, match=message):
+            paper.load_curve_potentials(bad)
+
+
+def rows_of(single, pooled, u, steps, seconds):
+    """Re-simulated curve rows (initial guess first) as reevaluate_final --curves makes them."""
+    return [
+        dict(epoch=k, md_steps=n, rollout_replica_steps=0, wall_time=t, cpu_time=t, single=a, pooled=b, u_rms_kT=v)
+        for k, (a, b, v, n, t) in enumerate(zip(single, pooled, u, steps, seconds, strict=True))
+    ]
+
+
+def test_curve_goals_decide_the_goal_on_each_statistic(reevaluation):
+    """The same re-simulated curves can meet the goal on the mean of one-run errors and miss it pooled."""
+    ibi = rows_of([0.1, 0.05, 0.04], [0.09, 0.03, 0.02], [0.2, 0.05, 0.04], [0, 100, 200], [0.0, 10.0, 20.0])
+    imc = rows_of([0.1, 0.03, 0.03], [0.09, 0.025, 0.025], [0.2, 0.03, 0.02], [0, 50, 100], [0.0, 5.0, 10.0])
+    u = {"rms_kT": 0.02, "max_kT": 0.05}
+    goals = reevaluation.curve_goals({"ibi": [{"rows": ibi, "u_error": u}], "imc-line": [{"rows": imc, "u_error": u}]})
+    single, pooled = goals["single"]["goal"], goals["pooled"]["goal"]
+    assert single["ibi_final_rmse"] == 0.04 and single["ibi_steps_to_it"] == 200
+    assert single["methods"]["imc-line"]["steps_to_it"] == 50 and single["goal_met_by"] == ["imc-line"]
+    assert pooled["ibi_final_rmse"] == 0.02 and pooled["goal_met_by"] == []
+    assert goals["single"]["methods"]["imc-line"]["curve"][1]["train_rmse"] == 0.03
+    # Two runs per method: the mean curves decide, each run its own per-seed goal.
+    twice = reevaluation.curve_goals(
+        {"ibi": [{"rows": ibi, "u_error": u}] * 2, "imc-line": [{"rows": imc, "u_error": u}] * 2}
+    )
+    assert twice["single"]["goal"]["per_seed_goal_met_by"] == [["imc-line"], ["imc-line"]]
+    with pytest.raises(ValueError, match="statistic must be one of"):
+        reevaluation.curve_entry(ibi, u, "median")
+
+
+def test_reevaluate_curves_from_saved_potentials(reevaluation, tmp_path, monkeypatch, capsys):
+    """--curves re-simulates every saved potential and the initial guess with fresh seeds and decides
+    the goal on them: here IMC's potentials fit better and sooner, which one-run noise hides."""
+    import copy
+
+    pe = reevaluation.pe
+    case = pe.all_cases(pe.SCALES["quick"]["n"])["lj"]
+    kT = pe.kelvin(1.2) * pe.MOLAR_GAS_CONSTANT
+    r = np.linspace(0.0125, 2.4875, 100)
+    truth = pe.lj_table()
+    g = np.exp(-np.asarray(truth.evaluate(np.maximum(r, 0.5), 0)[0]) / kT)
+    (tmp_path / "targets").mkdir()
+    for state in case["train"] + case["test"]:
+        pe.save_targets(tmp_path / "targets" / f"quick_lj_{state.name}.npz", {"r": r, "g": g[None, :]})
+    (tmp_path / "results.json").write_text(json.dumps({"lj": {"initial_guess": "plain", "methods": {}}}))
+
+    def table_missing_by(miss):
+        table = copy.deepcopy(truth)
+        table.fake_miss = miss
+        return table
+
+    # IBI's potentials miss the target by 0.05 then 0.02; IMC's by 0.03 then 0.01, at half the cost.
+    for method, misses, cost in (("ibi", (0.05, 0.02), 100), ("imc-line", (0.03, 0.01), 50)):
+        for seed in (1, 2):
+            saved = [
+                dict(
+                    epoch=k + 1,
+                    md_steps=cost * (k + 1),
+                    rollout_replica_steps=0,
+                    wall_time=float(cost * (k + 1)),
+                    cpu_time=0.0,
+                    table=table_missing_by(miss),
+                )
+                for k, miss in enumerate(misses)
+            ]
+            pe.save_curve_potentials(tmp_path / "lj" / method / f"seed-{seed}", saved)
+    seeds = []
+
+    def fake(state, table, protocol, seed, platform, snapshots=False):
+        # Every run misses by the potential's own error, plus run-to-run noise of +-0.005.
+        seeds.append(seed)
+        noise = 0.005 if (seed // pe.REPEAT_STRIDE) % 2 == 0 else -0.005
+        return r, (g + getattr(table, "fake_miss", 0.08) + noise)[None, :], None
+
+    monkeypatch.setattr(pe, "simulate_rdfs", fake)
+    argv = ["lj", "ibi", "imc-line", "--output", str(tmp_path), "--scale", "quick", "--repeats", "2", "--curves"]
+    assert reevaluation.main(argv) == 0
+    out = json.loads((tmp_path / "lj_curve_reevaluation.json").read_text())
+    assert out["initial_guess"] == "plain" and out["repeats"] == 2
+    rows = out["curves"]["imc-line"][1]["rows"]
+    assert [row["epoch"] for row in rows] == [0, 1, 2] and rows[2]["md_steps"] == 100
+    assert rows[2]["single"] == pytest.approx(0.01) and rows[2]["pooled"] == pytest.approx(0.01)
+    assert rows[0]["single"] == pytest.approx(0.08)  # the initial guess carries no marker
+    for statistic in ("single", "pooled"):
+        goal = out["goal"][statistic]
+        assert goal["ibi_final_rmse"] == pytest.approx(0.02) and goal["ibi_steps_to_it"] == 200
+        assert goal["methods"]["imc-line"]["steps_to_it"] == 100
+        assert (tmp_path / f"reevaluated-2-{statistic}" / "lj_time_to_accuracy_steps.png").exists()
+    # Fresh seeds, apart from the evaluations' own (7000-9199 per seed index): the truth (4 runs by
+    # default), the initial guess, then point k of seed index i, the same for every method.
+    runs = [pe.REPEAT_STRIDE * j for j in range(2)]
+    expected = [5000 + j for j in runs + [pe.REPEAT_STRIDE * j for j in (2, 3)]] + [5500 + j for j in runs]
+    for _method in ("ibi", "imc-line"):
+        for i in (0, 1):
+            expected += [6000 + 10 * (k + 1) + pe.SEED_STRIDE * i + j for k in (0, 1) for j in runs]
+    assert seeds == expected
+    assert "goal on the re-simulated curves (single)" in capsys.readouterr().out
+    # A folder without curve potentials is named.
+    with pytest.raises(SystemExit):
+        reevaluation.main(["lj", "rollout", "--output", str(tmp_path), "--scale", "quick", "--curves"])
+    assert "no curve_potentials.pt of rollout" in capsys.readouterr().err

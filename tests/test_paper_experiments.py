@@ -257,6 +257,42 @@ def test_polish_schedule_changes_the_options_after_its_epoch(paper, tmp_path, mo
     assert set(seen) == {before}
 
 
+def test_late_samples_grow_once_a_samples_loss_nears_its_noise(paper, tmp_path, monkeypatch):
+    """imc-line-late: 100-frame samples until an epoch's loss falls below 3x its block noise, then 300."""
+    seen = []
+    # (loss, block noise) of each epoch; the first epoch has no noise yet (no step to judge).
+    records = [
+        {"loss": 1e-3},
+        {"loss": 1e-3, "imc": {"loss_noise": 1e-4}},
+        {"loss": 2e-4, "imc": {"loss_noise": float("nan")}},
+        {"loss": 2e-4, "imc": {"loss_noise": 1e-4}},
+        {"loss": 1e-3, "imc": {"loss_noise": 1e-4}},
+    ]
+
+    class FakeTrainer:
+        def __init__(self, table, states, estimator, callbacks, max_epochs, **options):
+            self.options, self.callbacks, self.max_epochs = dict(options), callbacks, max_epochs
+            self.table, self.epoch, self.history = table, 0, []
+            self.md_steps = self.rollout_steps = 0
+            self.wall_time = 0.0
+
+        def fit(self):
+            for record in records:
+                seen.append(self.options["n_snapshots"])
+                self.epoch += 1
+                self.history.append(record)
+                for callback in self.callbacks:
+                    callback(self, record)
+
+    monkeypatch.setattr(paper, "Trainer", FakeTrainer)
+    paper.train("imc-line-late", object(), [], len(records), tmp_path, seed=1, platform=None, points=2)
+    assert paper.METHOD_SETTINGS["imc-line-late"]["n_snapshots"] == 100
+    assert seen == [100, 100, 100, 100, 300]
+    seen.clear()
+    paper.train("imc-line", object(), [], len(records), tmp_path, seed=1, platform=None, points=2)
+    assert seen == [100] * 5
+
+
 def test_newton_step_regions_initial_trainer_is_the_first_step_of_a_fit(paper):
     """--initial: a trainer at the experiments' initial guess with the method's settings and the asked frames."""
     module = load_script("newton_step_regions")

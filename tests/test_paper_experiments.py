@@ -224,9 +224,9 @@ def test_potential_error_profiles_are_plotted(regions, tmp_path):
     assert path.exists() and path.stat().st_size > 1000
 
 
-def test_polish_schedule_changes_the_options_after_its_epoch(paper, tmp_path, monkeypatch):
-    """imc-polish: the trainer's options switch to the POLISH values once `after_epoch` epochs are done."""
-    seen = []
+def fake_trainer(on_epoch, records=None):
+    """A stand-in for Trainer in ``train``: each of ``max_epochs`` epochs calls ``on_epoch(options)``,
+    then the callbacks with that epoch's record (``records[k]``, or an empty one)."""
 
     class FakeTrainer:
         def __init__(self, table, states, estimator, callbacks, max_epochs, **options):
@@ -236,14 +236,23 @@ def test_polish_schedule_changes_the_options_after_its_epoch(paper, tmp_path, mo
             self.wall_time = 0.0
 
         def fit(self):
-            for _ in range(self.max_epochs):
-                seen.append((self.options["n_snapshots"], self.options["imc_smoothing"]))
+            for k in range(self.max_epochs):
+                on_epoch(self.options)
+                record = records[k] if records is not None else {}
                 self.epoch += 1
-                self.history.append({})
+                self.history.append(record)
                 for callback in self.callbacks:
-                    callback(self, {})
+                    callback(self, record)
 
-    monkeypatch.setattr(paper, "Trainer", FakeTrainer)
+    return FakeTrainer
+
+
+def test_polish_schedule_changes_the_options_after_its_epoch(paper, tmp_path, monkeypatch):
+    """imc-polish: the trainer's options switch to the POLISH values once `after_epoch` epochs are done."""
+    seen = []
+    monkeypatch.setattr(
+        paper, "Trainer", fake_trainer(lambda options: seen.append((options["n_snapshots"], options["imc_smoothing"])))
+    )
     schedule = paper.POLISH["imc-polish"]
     epochs = schedule["after_epoch"] + 2
     paper.train("imc-polish", object(), [], epochs, tmp_path, seed=1, platform=None, points=3)
@@ -268,23 +277,7 @@ def test_late_samples_grow_once_a_samples_loss_nears_its_noise(paper, tmp_path, 
         {"loss": 2e-4, "imc": {"loss_noise": 1e-4}},
         {"loss": 1e-3, "imc": {"loss_noise": 1e-4}},
     ]
-
-    class FakeTrainer:
-        def __init__(self, table, states, estimator, callbacks, max_epochs, **options):
-            self.options, self.callbacks, self.max_epochs = dict(options), callbacks, max_epochs
-            self.table, self.epoch, self.history = table, 0, []
-            self.md_steps = self.rollout_steps = 0
-            self.wall_time = 0.0
-
-        def fit(self):
-            for record in records:
-                seen.append(self.options["n_snapshots"])
-                self.epoch += 1
-                self.history.append(record)
-                for callback in self.callbacks:
-                    callback(self, record)
-
-    monkeypatch.setattr(paper, "Trainer", FakeTrainer)
+    monkeypatch.setattr(paper, "Trainer", fake_trainer(lambda options: seen.append(options["n_snapshots"]), records))
     paper.train("imc-line-late", object(), [], len(records), tmp_path, seed=1, platform=None, points=2)
     assert paper.METHOD_SETTINGS["imc-line-late"]["n_snapshots"] == 100
     assert seen == [100, 100, 100, 100, 300]

@@ -293,6 +293,8 @@ POLISH: Dict[str, Dict[str, Any]] = {"imc-polish": dict(after_epoch=6, n_snapsho
 # while IBI went on down to 0.0125 (docs/experiments.md, "Re-simulating the curves").
 METHOD_SETTINGS["imc-line-late"] = dict(METHOD_SETTINGS["imc-line"])
 #: Frames per sample from the epoch after the first whose loss fell below noise_ratio x its block noise.
+#: The demo grows its samples on an absolute loss (demo._grow_samples), tuned to its one state; this
+#: screen's ratio to the sample's own noise needs no tuning per state. Kept, it belongs in the Trainer.
 LATE_SAMPLES: Dict[str, Dict[str, Any]] = {"imc-line-late": dict(noise_ratio=3.0, n_snapshots=300)}
 
 
@@ -837,7 +839,10 @@ def save_curve_potentials(folder: Path, saved: List[Dict[str, Any]]) -> Path:
 def load_curve_potentials(path: Path) -> List[Dict[str, Any]]:
     """The points of :func:`save_curve_potentials`, checked: each has an epoch, the costs of
     CURVE_COST_KEYS and a table, in increasing epochs."""
-    points = torch.load(path, weights_only=False)
+    try:
+        points = torch.load(path, weights_only=False)
+    except Exception as exc:  # noqa: BLE001 - torch.load raises many kinds on a damaged file
+        raise ValueError(f"{path} is not a curve potentials file that torch can read: {exc}") from exc
     if not isinstance(points, list) or not points:
         raise ValueError(f"{path} holds no list of curve points")
     for k, point in enumerate(points):

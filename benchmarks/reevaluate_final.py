@@ -27,7 +27,7 @@ Writes ``<first output>/<case>_reevaluation.json``. It changes nothing in
 
 ``--curves`` re-simulates instead every potential saved along each run's
 time-to-accuracy curve (``curve_potentials.pt``, written by
-``paper_experiments.py`` since that file exists) and the initial guess,
+``paper_experiments.py`` since this release) and the initial guess,
 ``--repeats`` times each, and decides the time-to-accuracy goal
 (``paper_experiments.case_goal``) on the re-simulated curves twice: with
 each point's error the mean of the one-run RMSEs (``single``, the goal's
@@ -136,9 +136,33 @@ def summary(rows: List[Dict[str, float]], key: str) -> Dict[str, Optional[float]
     return {"mean": float(values.mean()), "se": se, "min": float(values.min()), "max": float(values.max())}
 
 
-def reevaluate_curves(args, outputs, runs, guess: str, truth, states, results: Dict[str, Any]) -> int:
-    """The ``--curves`` mode of :func:`main`: every saved curve potential and the initial guess
-    re-simulated ``args.repeats`` times, the goal decided on the re-simulated curves."""
+#: --curves: most curve points and states whose seeds stay below the evaluations' own (see CURVE_SEED).
+MAX_CURVE_POINTS, MAX_STATES = 99, 10
+
+
+def load_curves(runs: Dict[str, List[tuple]], n_states: int) -> Dict[str, List[tuple]]:
+    """Every run's saved curve potentials (``paper_experiments.load_curve_potentials``), read and checked
+    before anything is simulated: (seed index, path, points) per method."""
+    if n_states > MAX_STATES:
+        raise ValueError(f"{n_states} training states would reach the evaluations' own seeds (at most {MAX_STATES})")
+    loaded: Dict[str, List[tuple]] = {}
+    for method, paths in runs.items():
+        loaded[method] = []
+        for index, path in paths:
+            points = pe.load_curve_potentials(path)
+            if len(points) > MAX_CURVE_POINTS:
+                raise ValueError(
+                    f"{path}: {len(points)} curve points would reach the evaluations' own seeds "
+                    f"(at most {MAX_CURVE_POINTS})"
+                )
+            loaded[method].append((index, path, points))
+    return loaded
+
+
+def reevaluate_curves(args, outputs, curves_in, guess: str, truth, states, results: Dict[str, Any]) -> int:
+    """The ``--curves`` mode of :func:`main`: every saved curve potential (``curves_in``, from
+    :func:`load_curves`) and the initial guess re-simulated ``args.repeats`` times, the goal decided on
+    the re-simulated curves."""
     initial = pe.initial_table(states, guess)
     print(f"initial guess ({guess}), {args.repeats} runs", flush=True)
     start = reevaluate(initial, states, args.repeats, INITIAL_SEED, args.scale, args.platform)
@@ -149,15 +173,9 @@ def reevaluate_curves(args, outputs, runs, guess: str, truth, states, results: D
     )
     results.update(initial_guess=guess, initial=start)
     curves: Dict[str, List[Dict[str, Any]]] = {}
-    for method, paths in runs.items():
+    for method, loaded in curves_in.items():
         curves[method] = []
-        for index, path in paths:
-            points = pe.load_curve_potentials(path)
-            if len(points) > 99 or len(states) > 10:
-                raise ValueError(
-                    f"{path}: {len(points)} curve points at {len(states)} states would reach the evaluations' "
-                    "own seeds (at most 99 points and 10 states)"
-                )
+        for index, path, points in loaded:
             rows = [start]
             for k, point in enumerate(points):
                 seed = CURVE_SEED + CURVE_POINT_STRIDE * (k + 1) + pe.SEED_STRIDE * index
@@ -253,6 +271,11 @@ def main(argv=None) -> int:
 
     guesses = set()
     if args.curves:
+        # Malformed or too long curve files are named before anything is simulated.
+        try:
+            curves_in = load_curves(runs, len(states))
+        except (OSError, ValueError) as exc:
+            parser.error(str(exc))
         for output in outputs:
             try:
                 guesses.add(pe.results_guess(json.loads((output / "results.json").read_text())[args.case]))
@@ -266,7 +289,7 @@ def main(argv=None) -> int:
     results["truth"] = reevaluate(truth, states, truth_repeats, REEVALUATION_SEED, args.scale, args.platform)
     print(f"    single {results['truth']['single']:.4f}, pooled {results['truth']['pooled']:.4f}", flush=True)
     if args.curves:
-        return reevaluate_curves(args, outputs, runs, guesses.pop(), truth, states, results)
+        return reevaluate_curves(args, outputs, curves_in, guesses.pop(), truth, states, results)
     for method, paths in runs.items():
         rows = []
         for index, path in paths:

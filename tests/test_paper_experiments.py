@@ -762,3 +762,19 @@ def test_reevaluate_curves_from_saved_potentials(reevaluation, tmp_path, monkeyp
     with pytest.raises(SystemExit):
         reevaluation.main(["lj", "rollout", "--output", str(tmp_path), "--scale", "quick", "--curves"])
     assert "no curve_potentials.pt of rollout" in capsys.readouterr().err
+    # A malformed curve file, or a folder that does not say its start, is named before anything is simulated.
+    seeds.clear()
+    (tmp_path / "lj" / "ibi" / "seed-2" / pe.CURVE_POTENTIALS).write_bytes(b"not a torch file")
+    with pytest.raises(SystemExit):
+        reevaluation.main(argv)
+    err = capsys.readouterr().err
+    assert "seed-2" in err and "not a curve potentials file" in err and seeds == []
+    pe.save_curve_potentials(tmp_path / "lj" / "ibi" / "seed-2", [])
+    with pytest.raises(SystemExit):
+        reevaluation.main(argv)
+    assert "holds no list of curve points" in capsys.readouterr().err and seeds == []
+    pe.save_curve_potentials(tmp_path / "lj" / "ibi" / "seed-2", saved)
+    (tmp_path / "results.json").unlink()
+    with pytest.raises(SystemExit):
+        reevaluation.main(argv)
+    assert "does not say which guess lj started from" in capsys.readouterr().err and seeds == []

@@ -34,7 +34,9 @@ weights), ``imc-pool`` (``imc-counting`` whose steps pool the last samples,
 ``imc_pool``), ``imc-grow`` (``imc-trust`` whose cap grows up to 2 kT while
 the fresh losses fall as predicted, ``imc_max_cap``), ``imc-cautious``
 (``imc-grow`` with its cap starting at 0.25 kT), ``imc-relative``
-(``imc-grow`` on relative errors of g, ``bin_weighting="relative"``) and ``ibi``
+(``imc-grow`` on relative errors of g, ``bin_weighting="relative"``), later
+variants described where METHOD_SETTINGS defines them (``imc-then-ibi``: one
+``imc-line`` step, then IBI, ``HANDOVER``) and ``ibi``
 (:class:`~openmm_diffsim.ibi.IBI`). Methods not run keep their earlier results
 in ``results.json``. ``--seeds K`` trains and evaluates every method K times
 and reports means, standard deviations and the goal per seed; ``--first-seed S``
@@ -145,6 +147,7 @@ METHODS = (
     "imc-wall",
     "imc-polish",
     "imc-line-late",
+    "imc-then-ibi",
     "ibi",
 )
 
@@ -173,9 +176,11 @@ SCALES: Dict[str, Dict[str, Any]] = {
         curve_points=10,
     ),
 }
-# Every IMC variant takes as many steps as imc.
+# Every IMC variant takes as many steps as imc; imc-then-ibi (HANDOVER below) as many as IBI, its first
+# steps included.
 for _scale in SCALES.values():
     _scale["epochs"].update({m: _scale["epochs"]["imc"] for m in METHODS if m.startswith("imc-")})
+    _scale["epochs"]["imc-then-ibi"] = _scale["epochs"]["ibi"]
 
 #: Per-method settings (same for every case). Snapshot budgets per epoch:
 #: IBI / reweighting / gauss-newton 50 frames every 50 steps, imc 100; rollouts 4 seeds every 200 steps.
@@ -296,6 +301,17 @@ METHOD_SETTINGS["imc-line-late"] = dict(METHOD_SETTINGS["imc-line"])
 #: The demo grows its samples on an absolute loss (demo._grow_samples), tuned to its one state; this
 #: screen's ratio to the sample's own noise needs no tuning per state. Kept, it belongs in the Trainer.
 LATE_SAMPLES: Dict[str, Dict[str, Any]] = {"imc-line-late": dict(noise_ratio=3.0, n_snapshots=300)}
+# IBI after the first Newton step of imc-line (HANDOVER below). With every curve point re-simulated six
+# times, imc-line's first step on LJ took the RDF error from 0.064 to 0.037 in 6 000 MD steps, where IBI
+# needed about 10 000, but its later 100-frame steps scattered (0.013-0.068) while IBI's small, averaging
+# updates went steadily down to 0.0125 (docs/experiments.md, "Re-simulating the curves").
+METHOD_SETTINGS["imc-then-ibi"] = dict(METHOD_SETTINGS["ibi"])
+#: Methods whose first ``epochs`` are another method's (its settings with ``overrides``); the rest of
+#: their epochs are IBI with the method's own METHOD_SETTINGS, from where the first steps left u(r).
+#: The first phase does not re-check its last step (imc_check_last): IBI's first sample follows at once.
+HANDOVER: Dict[str, Dict[str, Any]] = {
+    "imc-then-ibi": dict(method="imc-line", epochs=1, overrides=dict(imc_check_last=False)),
+}
 
 
 # -- cases ---------------------------------------------------------------------------------------------------
@@ -721,13 +737,19 @@ def train(
     other methods by those loss terms.
     """
     settings = copy.deepcopy(METHOD_SETTINGS[method] if settings is None else settings)
+    handover = HANDOVER.get(method)
+    if handover is not None and not 0 < handover["epochs"] < epochs:
+        raise ValueError(
+            f"{method} hands over to IBI after {handover['epochs']} epoch(s) of {handover['method']}: it needs "
+            f"more epochs than that, got {epochs}"
+        )
     sampler_options = dict(SAMPLER)
     if platform:
         sampler_options["platform"] = platform
     estimator_options = dict(RDF_GRID)
     estimator_options.update(settings.pop("estimator_options", {}))
     if thermo is not None:
-        if method == "ibi":
+        if method == "ibi" or handover is not None:  # IBI's phase: the pressure ramp
             settings["pressure_correction"] = True
         else:
             estimator_options.update(thermo)
@@ -741,22 +763,25 @@ def train(
     polish_after = polish.pop("after_epoch", None)
 
     late = LATE_SAMPLES.get(method)
+    # Epochs, MD steps and wall time of a HANDOVER method's first phase, added to the second's.
+    before = dict(epoch=0, md_steps=0, wall_time=0.0)
 
     def keep(run, record):
+        epoch = run.epoch + before["epoch"]
         if polish_after is not None and run.epoch == polish_after:
             run.options.update(polish)
         if late is not None and run.options["n_snapshots"] != late["n_snapshots"]:
             noise = (record.get("imc") or {}).get("loss_noise")
             if noise is not None and np.isfinite(noise) and record.get("loss", np.inf) < late["noise_ratio"] * noise:
                 run.options["n_snapshots"] = late["n_snapshots"]
-        if run.epoch in saves:
+        if epoch in saves:
             replicas = estimator_options.get("n_replicas", 0)
             saved.append(
                 dict(
-                    epoch=run.epoch,
-                    md_steps=run.md_steps,
+                    epoch=epoch,
+                    md_steps=run.md_steps + before["md_steps"],
                     rollout_replica_steps=run.rollout_steps * replicas,
-                    wall_time=run.wall_time,
+                    wall_time=run.wall_time + before["wall_time"],
                     cpu_time=time.process_time() - cpu_start,
                     table=copy.deepcopy(run.table),
                 )
@@ -773,19 +798,39 @@ def train(
         progress=True,
         callbacks=[keep],
     )
-    if method == "ibi":
+    if handover is not None:
+        first_settings = copy.deepcopy(METHOD_SETTINGS[handover["method"]])
+        first_settings.update(handover["overrides"])
+        first_estimator = dict(RDF_GRID)
+        first_estimator.update(first_settings.pop("estimator_options", {}))
+        if thermo is not None:
+            first_estimator.update(thermo)
+        first = Trainer(
+            table,
+            states,
+            "reweighting",
+            **dict(
+                common,
+                max_epochs=handover["epochs"],
+                estimator_options=first_estimator,
+                output_dir=Path(output) / "first-steps",
+            ),
+            **first_settings,
+        )
+        _fit(first)
+        before.update(epoch=first.epoch, md_steps=first.md_steps, wall_time=first.wall_time)
+        print(f"    handed over to IBI after {first.epoch} epoch(s) of {handover['method']}")
+        run = IBI(first.table, states, **dict(common, max_epochs=epochs - first.epoch), **settings)
+    elif method == "ibi":
         run = IBI(table, states, **common, **settings)
     else:
         estimator = "reweighting" if method.startswith("imc") or method == "gauss-newton" else method
         run = Trainer(table, states, estimator, **common, **settings)
-    try:
-        run.fit()
-    except ValueError as exc:
-        # Trainer.plot() after the last epoch (log and checkpoint already written)
-        # fails when u(r) never passes 50 kJ/mol above r = 0.01 (a soft spline core).
-        if "r_min" not in str(exc):
-            raise
-        print(f"    (final plot skipped: {exc})")
+    _fit(run)
+    # The run's counters cover both phases of a HANDOVER method.
+    run.epoch += before["epoch"]
+    run.md_steps += before["md_steps"]
+    run.wall_time += before["wall_time"]
     run.cpu_time = time.process_time() - cpu_start
     check = run.history[-1].get("final_check") if run.history else None
     if check is not None and saved and saved[-1]["epoch"] == run.epoch:
@@ -796,6 +841,17 @@ def train(
             md_steps=run.md_steps, wall_time=run.wall_time, cpu_time=run.cpu_time, table=copy.deepcopy(run.table)
         )
     return run, saved
+
+
+def _fit(run) -> None:
+    try:
+        run.fit()
+    except ValueError as exc:
+        # Trainer.plot() after the last epoch (log and checkpoint already written)
+        # fails when u(r) never passes 50 kJ/mol above r = 0.01 (a soft spline core).
+        if "r_min" not in str(exc):
+            raise
+        print(f"    (final plot skipped: {exc})")
 
 
 # -- one case ----------------------------------------------------------------------------------------------------

@@ -286,6 +286,74 @@ def test_late_samples_grow_once_a_samples_loss_nears_its_noise(paper, tmp_path, 
     assert seen == [100] * 5
 
 
+def test_imc_then_ibi_hands_the_first_steps_potential_to_ibi_and_adds_up_the_costs(paper, tmp_path, monkeypatch):
+    """imc-then-ibi: one epoch of imc-line (its last step not re-checked), then IBI for the remaining
+    epochs from the potential that step left; the curve and the run count both phases' epochs, MD steps
+    and wall time."""
+    calls = []
+
+    def fake(kind, steps, seconds):
+        class Fake:
+            def __init__(self, table, states, *estimator, callbacks, max_epochs, **options):
+                calls.append(dict(kind=kind, table=table, estimator=estimator, max_epochs=max_epochs, **options))
+                self.table, self.callbacks, self.max_epochs = (
+                    dict(table, by=[*table["by"], kind]),
+                    callbacks,
+                    max_epochs,
+                )
+                self.options, self.epoch, self.history = options, 0, []
+                self.md_steps = self.rollout_steps = 0
+                self.wall_time = 0.0
+
+            def fit(self):
+                for _ in range(self.max_epochs):
+                    self.epoch += 1
+                    self.md_steps += steps
+                    self.wall_time += seconds
+                    self.history.append({})
+                    for callback in self.callbacks:
+                        callback(self, {})
+
+        return Fake
+
+    monkeypatch.setattr(paper, "Trainer", fake("imc", 5000, 2.0))
+    monkeypatch.setattr(paper, "IBI", fake("ibi", 2600, 1.0))
+    start = {"by": []}
+    epochs = paper.SCALES["reduced"]["epochs"]["imc-then-ibi"]
+    assert epochs == paper.SCALES["reduced"]["epochs"]["ibi"]
+    run, saved = paper.train("imc-then-ibi", start, [], epochs, tmp_path, seed=3, platform=None, points=epochs)
+    first, then = calls
+    line = paper.METHOD_SETTINGS["imc-line"]
+    assert first["kind"] == "imc" and first["estimator"] == ("reweighting",) and first["max_epochs"] == 1
+    assert first["optimizer"] == "imc" and first["imc_line_search"] is line["imc_line_search"] is True
+    assert first["imc_check_last"] is False and first["n_snapshots"] == line["n_snapshots"]
+    assert first["output_dir"] == tmp_path / "first-steps" and first["seed"] == 3
+    assert then["kind"] == "ibi" and then["estimator"] == () and then["max_epochs"] == epochs - 1
+    assert then["table"] == {"by": ["imc"]} and then["output_dir"] == tmp_path
+    assert then["mixing"] == paper.METHOD_SETTINGS["ibi"].get("mixing", then["mixing"])
+    assert "optimizer" not in then and start == {"by": []}
+    # The curve's epochs count both phases, and so do its costs.
+    points = paper.curve_epochs(epochs, epochs)
+    assert points[0] == 1 and 2 in points and points[-1] == epochs
+    assert [p["epoch"] for p in saved] == points
+    assert [p["md_steps"] for p in saved] == [5000 + 2600 * (k - 1) for k in points]
+    assert [p["wall_time"] for p in saved] == pytest.approx([2.0 + 1.0 * (k - 1) for k in points])
+    assert saved[0]["table"] == {"by": ["imc"]} and saved[-1]["table"] == {"by": ["imc", "ibi"]}
+    assert (run.epoch, run.md_steps, run.wall_time) == (epochs, 5000 + 2600 * (epochs - 1), 2.0 + epochs - 1)
+    # With the pressure and energy as targets the first phase fits them in its loss, IBI by its ramp.
+    calls.clear()
+    weights = {"pressure_weight": 0.017, "energy_weight": 0.53}
+    paper.train("imc-then-ibi", start, [], 3, tmp_path, seed=3, platform=None, points=2, thermo=weights)
+    first, then = calls
+    assert first["estimator_options"]["pressure_weight"] == 0.017 and "pressure_correction" not in first
+    assert then["pressure_correction"] is True and "pressure_weight" not in then["estimator_options"]
+    # A budget no longer than the first phase is refused before anything runs.
+    calls.clear()
+    with pytest.raises(ValueError, match="imc-then-ibi hands over to IBI after 1 epoch"):
+        paper.train("imc-then-ibi", start, [], 1, tmp_path, seed=3, platform=None, points=1)
+    assert calls == []
+
+
 def test_newton_step_regions_initial_trainer_is_the_first_step_of_a_fit(paper):
     """--initial: a trainer at the experiments' initial guess with the method's settings and the asked frames."""
     module = load_script("newton_step_regions")
@@ -362,10 +430,24 @@ def test_every_method_settings_are_accepted_by_its_runner(paper, monkeypatch, tm
     assert set(paper.METHOD_SETTINGS) <= set(paper.METHODS) | {"imc"}
     for method in paper.METHODS:
         run = built_runner(paper, monkeypatch, method, state, tmp_path / method)
-        settings = {k: v for k, v in paper.METHOD_SETTINGS.get(method, {}).items() if k != "estimator_options"}
+        # A HANDOVER method's first runner is the first phase's.
+        first = paper.HANDOVER.get(method)
+        settings = dict(paper.METHOD_SETTINGS[first["method"]], **first["overrides"]) if first else {}
+        settings = settings or paper.METHOD_SETTINGS.get(method, {})
+        settings = {k: v for k, v in settings.items() if k != "estimator_options"}
         for key, value in settings.items():
             if key in run.options:
                 assert run.options[key] == value, (method, key)
+    # The phase after the handover is a real IBI with the method's settings.
+    assert set(paper.HANDOVER) == {"imc-then-ibi"}
+    monkeypatch.setattr(paper.Trainer, "fit", lambda self: setattr(self, "epoch", 1))
+    with pytest.raises(Constructed) as built:
+        table = paper.spline_table_from_targets([state], paper.CUTOFF, knot_spacing=paper.KNOT_SPACING)
+        paper.train("imc-then-ibi", table, [state], 2, tmp_path / "handover", seed=1, platform=None, points=2)
+    then = built.value.args[0]
+    assert isinstance(then, paper.IBI) and then.options["max_epochs"] == 1
+    for key, value in paper.METHOD_SETTINGS["imc-then-ibi"].items():
+        assert then.options[key] == value, key
 
 
 def test_thermo_targets_reach_every_runner(paper, monkeypatch, tmp_path):

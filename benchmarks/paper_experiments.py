@@ -730,29 +730,26 @@ def train(
 
     ``settings`` replaces the method's METHOD_SETTINGS (a variant of it, as
     imc_variant_screen.py runs); the method's name still picks IBI or the
-    Trainer, its estimator and any POLISH schedule.
+    Trainer, its estimator and any POLISH schedule. For a HANDOVER method
+    they are the settings of its IBI phase; its first phase keeps HANDOVER's.
 
     ``thermo`` (``pressure_weight``, ``energy_weight``; the states carry the
     targets) fits the pressure and energy too: IBI by its pressure ramp, the
     other methods by those loss terms.
     """
-    settings = copy.deepcopy(METHOD_SETTINGS[method] if settings is None else settings)
     handover = HANDOVER.get(method)
     if handover is not None and not 0 < handover["epochs"] < epochs:
         raise ValueError(
             f"{method} hands over to IBI after {handover['epochs']} epoch(s) of {handover['method']}: it needs "
             f"more epochs than that, got {epochs}"
         )
+    is_ibi = method == "ibi" or handover is not None  # IBI runs the method (or its second phase)
+    settings, estimator_options = _runner_settings(
+        METHOD_SETTINGS[method] if settings is None else settings, thermo, is_ibi
+    )
     sampler_options = dict(SAMPLER)
     if platform:
         sampler_options["platform"] = platform
-    estimator_options = dict(RDF_GRID)
-    estimator_options.update(settings.pop("estimator_options", {}))
-    if thermo is not None:
-        if method == "ibi" or handover is not None:  # IBI's phase: the pressure ramp
-            settings["pressure_correction"] = True
-        else:
-            estimator_options.update(thermo)
     saves = set(curve_epochs(epochs, points))
     saved: List[Dict[str, Any]] = []
     # CPU time of this process (all threads, OpenMM's included): on a shared
@@ -799,12 +796,9 @@ def train(
         callbacks=[keep],
     )
     if handover is not None:
-        first_settings = copy.deepcopy(METHOD_SETTINGS[handover["method"]])
-        first_settings.update(handover["overrides"])
-        first_estimator = dict(RDF_GRID)
-        first_estimator.update(first_settings.pop("estimator_options", {}))
-        if thermo is not None:
-            first_estimator.update(thermo)
+        first_settings, first_estimator = _runner_settings(
+            dict(METHOD_SETTINGS[handover["method"]], **handover["overrides"]), thermo, ibi=False
+        )
         first = Trainer(
             table,
             states,
@@ -841,6 +835,20 @@ def train(
             md_steps=run.md_steps, wall_time=run.wall_time, cpu_time=run.cpu_time, table=copy.deepcopy(run.table)
         )
     return run, saved
+
+
+def _runner_settings(settings: Dict[str, Any], thermo: Optional[Dict[str, float]], ibi: bool) -> tuple:
+    """(runner keywords, estimator options) of one method's settings: the RDF grid with the settings'
+    ``estimator_options``; with ``thermo`` IBI gets its pressure ramp, the Trainer the loss weights."""
+    settings = copy.deepcopy(settings)
+    estimator_options = dict(RDF_GRID)
+    estimator_options.update(settings.pop("estimator_options", {}))
+    if thermo is not None:
+        if ibi:
+            settings["pressure_correction"] = True
+        else:
+            estimator_options.update(thermo)
+    return settings, estimator_options
 
 
 def _fit(run) -> None:
